@@ -1,0 +1,148 @@
+"""``eqsolve.fixed_point``: solve ``z = f(z)`` on any supported array library."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import array_api_compat as aac
+
+from .backends import backend_name_of, get_backend
+from .core.loop import StopRule
+from .core.solution import ConvergenceError, ConvergenceWarning, Solution, Status
+from .core.solver_base import FixedPointSolver, make_solver
+from .core.structure import structure_of
+from .core.validation import check_arguments, check_f_output, check_state_arrays
+
+
+def fixed_point(
+    f: Callable[[Any], Any],
+    z0: Any,
+    *,
+    solver: str | FixedPointSolver = "anderson",
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    max_iter: int = 100,
+    batch_axis: int | None = 0,
+    backend: str | None = None,
+    on_failure: str = "warn",
+    **solver_options: Any,
+) -> Solution:
+    """Find ``z`` with ``z = f(z)``, per sample along ``batch_axis``.
+
+    Iterates a quasi-Newton fixed-point solver until, for every sample ``b``,
+    ``||f(z_b) - z_b|| <= tol * ||f(z_b)|| + atol`` (2-norms over the sample's entries), or
+    ``max_iter`` updates have been applied. Each sample has its own residual, solver
+    history and convergence flag; a sample that has stopped is frozen, so solving a batch
+    gives each sample the result it gets alone (provided ``f`` treats samples
+    independently).
+
+    Args:
+        f: the map, called with (and returning) arrays like ``z0`` of the solve's backend.
+            It is evaluated on the whole batch once per iteration.
+        z0: initial guess: an array, or a tuple/list of arrays that share the batch axis
+            (the multi-resolution states of a multiscale DEQ). Real floating dtype.
+        solver: ``"anderson"`` (default), ``"broyden"``, ``"picard"``, or a configured
+            solver object such as ``eqsolve.Anderson(m=5)``.
+        tol: relative tolerance (> 0).
+        atol: absolute tolerance added to the stopping rule (>= 0); useful when the fixed
+            point is ~0, where the relative residual cannot become small.
+        max_iter: maximum number of solver updates (>= 1); ``f`` is called at most
+            ``max_iter + 1`` times.
+        batch_axis: axis of ``z0`` holding independent samples, or ``None`` to treat the
+            whole state as one system.
+        backend: ``"numpy"``, ``"torch"``, ``"jax"``, ``"cupy"``, ``"array_api_strict"``, or
+            ``None`` to use the library of ``z0``. When given, ``z0`` is converted (DLPack
+            where possible) and ``f`` receives that backend's arrays.
+        on_failure: when a sample did not converge or hit NaN/inf: ``"warn"`` (a
+            :class:`ConvergenceWarning`), ``"raise"`` (:class:`ConvergenceError`, holding
+            the solution) or ``"ignore"``. Under ``jax.jit`` nothing is raised or warned:
+            read ``Solution.status``.
+        **solver_options: hyperparameters of the named solver, e.g. ``m=5`` for Anderson;
+            unknown names raise ``TypeError``.
+
+    Returns:
+        A :class:`Solution` whose arrays belong to the solve's backend. ``z0`` is never
+        modified.
+
+    Example:
+        >>> import numpy as np, eqsolve
+        >>> sol = eqsolve.fixed_point(np.cos, np.zeros((3, 1)), tol=1e-10)
+        >>> bool(sol.converged.all()), round(float(sol.value[0, 0]), 6)
+        (True, 0.739085)
+    """
+    check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
+    solver_obj = make_solver(solver, solver_options)
+    rule = StopRule(float(tol), float(atol), int(max_iter))
+
+    leaves = list(z0) if isinstance(z0, (tuple, list)) else [z0]
+    names = ["z0"] if not isinstance(z0, (tuple, list)) else [f"z0[{i}]" for i in range(len(leaves))]
+    if not leaves:
+        raise ValueError("z0 is an empty sequence; it needs at least one array")
+    for leaf, name in zip(leaves, names):
+        if not aac.is_array_api_obj(leaf):
+            raise TypeError(f"{name} must be an array (numpy, torch, jax, cupy or array-api-strict), "
+                            f"got {type(leaf).__name__}")
+    if backend is None:
+        try:
+            backend_name = backend_name_of(aac.array_namespace(*leaves))
+        except TypeError as exc:
+            raise TypeError(f"the arrays of z0 must all come from one array library: {exc}") from None
+    else:
+        backend_name = backend
+    be = get_backend(backend_name)
+    xp = be.xp
+    if backend is not None:
+        leaves = [be.convert(leaf) for leaf in leaves]
+    check_state_arrays(xp, leaves, names)
+    z0_b = leaves[0] if not isinstance(z0, (tuple, list)) else type(z0)(leaves)
+    structure = structure_of(z0_b, batch_axis)
+
+    checked = False
+
+    def f_flat(zf: Any) -> Any:
+        nonlocal checked
+        z = structure.unflatten(xp, zf)
+        fz = f(z)
+        if not checked:  # the first call (f(z0); under JAX, at trace time) is checked
+            check_f_output(xp, fz, z0_b, structure)
+            checked = True
+        return structure.flatten(xp, fz)
+
+    state = be.run(f_flat, structure.flatten(xp, z0_b), solver_obj, rule)
+
+    per_sample = (lambda a: a) if batch_axis is not None else (lambda a: a[0])
+    status = per_sample(state.status)
+    sol = Solution(
+        value=structure.unflatten(xp, state.best_z),
+        converged=status == int(Status.CONVERGED),
+        iterations=per_sample(state.iterations),
+        residual=per_sample(state.best_res),
+        status=status,
+        nfev=state.k + 1,
+    )
+    if on_failure != "ignore" and not be.is_traced(state.status):
+        _report_failures(xp, sol, on_failure, max_iter)
+    return sol
+
+
+def _report_failures(xp: Any, sol: Solution, on_failure: str, max_iter: int) -> None:
+    status = xp.reshape(sol.status, (-1,))
+    n = status.shape[0]
+    n_max = int(xp.sum(xp.astype(status == int(Status.MAX_ITER), xp.int32)))
+    n_bad = int(xp.sum(xp.astype(status == int(Status.NONFINITE), xp.int32)))
+    if n_max == 0 and n_bad == 0:
+        return
+    parts = []
+    if n_max:
+        worst = float(xp.max(xp.reshape(sol.residual, (-1,))[status == int(Status.MAX_ITER)]))
+        parts.append(
+            f"{n_max} of {n} samples did not converge within max_iter={max_iter} "
+            f"(largest relative residual {worst:.3g})"
+        )
+    if n_bad:
+        parts.append(f"{n_bad} of {n} samples hit NaN/inf and were stopped at their best finite iterate")
+    message = "; ".join(parts) + " (see Solution.status)"
+    if on_failure == "raise":
+        raise ConvergenceError(message, sol)
+    warnings.warn(message, ConvergenceWarning, stacklevel=3)

@@ -1,0 +1,39 @@
+"""array-api-strict backend: the reference implementation of the standard.
+
+Running the core here is how portability is proven: it rejects anything outside the
+Array API (implicit dtype promotion, flat indexing, non-standard functions).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import array_api_compat as aac
+import array_api_strict as xp
+
+from ..core.loop import LoopState, StopRule
+from ..core.solver_base import FixedPointSolver
+from ._eager import run_python_loop
+
+
+class ArrayApiStrictBackend:
+    name = "array_api_strict"
+    xp = xp
+
+    def convert(self, x: Any) -> Any:
+        if aac.is_array_api_obj(x) and aac.is_array_api_strict_namespace(aac.array_namespace(x)):
+            return x
+        if hasattr(x, "detach"):
+            x = x.detach()
+        import numpy as np
+
+        return xp.asarray(np.asarray(x))
+
+    def run(self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule) -> LoopState:
+        return run_python_loop(xp, f, z0, solver, rule)
+
+    def is_traced(self, x: Any) -> bool:
+        return False
+
+
+BACKEND = ArrayApiStrictBackend()

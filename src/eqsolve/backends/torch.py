@@ -1,0 +1,41 @@
+"""PyTorch backend: Python loop over the core step, run without building a graph.
+
+The solve itself is never differentiated (a DEQ's gradient comes from the implicit function
+theorem, not from backprop through the iterations), so it runs under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import array_api_compat.torch as xp
+import torch
+
+from ..core.loop import LoopState, StopRule
+from ..core.solver_base import FixedPointSolver
+from ._eager import run_python_loop
+
+
+class TorchBackend:
+    name = "torch"
+    xp = xp
+
+    def convert(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x
+        try:
+            return torch.from_dlpack(x)
+        except (BufferError, RuntimeError, TypeError, AttributeError):
+            import numpy as np
+
+            return torch.asarray(np.asarray(x))
+
+    def run(self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule) -> LoopState:
+        with torch.no_grad():
+            return run_python_loop(xp, f, z0, solver, rule)
+
+    def is_traced(self, x: Any) -> bool:
+        return False
+
+
+BACKEND = TorchBackend()

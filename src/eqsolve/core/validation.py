@@ -1,0 +1,87 @@
+"""Checks on user input that give errors naming the offending argument."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import array_api_compat as aac
+
+from ._xp import device_of
+from .structure import Structure
+
+ON_FAILURE = ("warn", "raise", "ignore")
+
+
+def check_arguments(
+    f: Any, tol: Any, atol: Any, max_iter: Any, on_failure: Any, batch_axis: Any
+) -> None:
+    """Validate the scalar arguments of ``fixed_point``."""
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    for name, value, strict in (("tol", tol, True), ("atol", atol, False)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+        if math.isnan(value) or math.isinf(value) or value < 0 or (strict and value == 0):
+            bound = "> 0" if strict else ">= 0"
+            raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int):
+        raise TypeError(f"max_iter must be an int, got {type(max_iter).__name__}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+    if batch_axis is not None and (isinstance(batch_axis, bool) or not isinstance(batch_axis, int)):
+        raise TypeError(f"batch_axis must be an int or None, got {type(batch_axis).__name__}")
+
+
+def check_state_arrays(xp: Any, leaves: list[Any], names: list[str]) -> None:
+    """``z0``'s arrays: real floating dtype, one dtype and one device for all of them."""
+    first = leaves[0]
+    if not xp.isdtype(first.dtype, "real floating"):
+        kind = "complex" if xp.isdtype(first.dtype, "complex floating") else "integer or boolean"
+        raise TypeError(
+            f"{names[0]} has dtype {first.dtype} ({kind}); fixed_point needs a real floating "
+            "dtype (float32 or float64): cast it first"
+        )
+    for leaf, name in zip(leaves[1:], names[1:]):
+        if leaf.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {leaf.dtype} but {names[0]} has {first.dtype}")
+        if device_of(leaf) != device_of(first):
+            raise ValueError(
+                f"{name} is on device {device_of(leaf)} but {names[0]} on {device_of(first)}"
+            )
+
+
+def check_f_output(xp: Any, fz: Any, z: Any, structure: Structure) -> None:
+    """``f(z0)`` must have the structure, shapes, dtype, device and array library of ``z0``."""
+    if structure.container is not None:
+        if not isinstance(fz, (tuple, list)) or len(fz) != len(structure.shapes):
+            got = f"{type(fz).__name__} of length {len(fz)}" if isinstance(fz, (tuple, list)) else type(fz).__name__
+            raise ValueError(
+                f"f(z0) must return a sequence of {len(structure.shapes)} arrays like z0, got {got}"
+            )
+    out_leaves = structure.leaves(fz)
+    in_leaves = structure.leaves(z)
+    for i, (out, inp, shape) in enumerate(zip(out_leaves, in_leaves, structure.shapes)):
+        where = "f(z0)" if structure.container is None else f"f(z0)[{i}]"
+        try:
+            out_xp = aac.array_namespace(out)
+        except TypeError:
+            raise TypeError(
+                f"{where} must be an array of the same library as z0 ({xp.__name__}), "
+                f"got {type(out).__name__}"
+            ) from None
+        if out_xp is not xp and aac.array_namespace(inp) is not out_xp:
+            raise TypeError(
+                f"{where} is a {type(out).__module__}.{type(out).__name__} but z0 is a "
+                f"{type(inp).__module__}.{type(inp).__name__}: f must return arrays of the "
+                "library it is given"
+            )
+        if tuple(out.shape) != shape:
+            raise ValueError(f"{where} has shape {tuple(out.shape)} but z0 has shape {shape}")
+        if out.dtype != inp.dtype:
+            raise TypeError(f"{where} has dtype {out.dtype} but z0 has dtype {inp.dtype}")
+        d_out, d_in = device_of(out), device_of(inp)
+        if d_out is not None and d_in is not None and d_out != d_in:
+            raise ValueError(f"{where} is on device {d_out} but z0 is on device {d_in}")
