@@ -13,7 +13,7 @@ import cupy
 
 from ..core.loop import LoopState, StopRule
 from ..core.solver_base import FixedPointSolver
-from ._eager import run_python_loop
+from ..core.driver import run_python_loop
 from . import BackendUnavailableError
 
 if not cupy.cuda.is_available():

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..core.loop import LoopState, StopRule
 from ..core.solver_base import FixedPointSolver
-from ._eager import run_python_loop
+from ..core.driver import run_python_loop
 
 
 class NumpyBackend:

@@ -13,7 +13,7 @@ import torch
 
 from ..core.loop import LoopState, StopRule
 from ..core.solver_base import FixedPointSolver
-from ._eager import run_python_loop
+from ..core.driver import run_python_loop
 
 
 class TorchBackend:

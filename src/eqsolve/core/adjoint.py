@@ -1,0 +1,102 @@
+"""Adjoint linear solves for implicit differentiation of a fixed point.
+
+For ``z* = f(z*, theta)`` and a cotangent ``g = dL/dz*``, the implicit function theorem gives
+``dL/dtheta = u^T df/dtheta`` where ``u`` solves the adjoint fixed point
+
+    u = g + J_f(z*)^T u        i.e.   (I - J_f(z*)^T) u = g,
+
+which needs only vector-Jacobian products ``v -> J_f(z*)^T v`` (``vjp``), batched per sample
+on the ``(B, n)`` view. The fixed-point methods ("neumann" = plain iteration, i.e. the
+truncated Neumann series ``sum_k (J^T)^k g``; "anderson"; "broyden") run the *forward*
+solvers and loop of ``core`` on the linear map ``h(u) = g + vjp(u)``: one code path.
+
+The right-hand side is normalised per sample (``g / ||g||``; solved; scaled back), so tiny
+float32 cotangents cannot underflow the stopping rule or the Gram matrices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+from .driver import Driver, python_driver
+from .loop import StopRule
+from .solution import Status
+from .solver_base import FixedPointSolver, make_solver
+
+#: fixed-point methods and the forward solver each one reuses
+FIXED_POINT_METHODS = {"neumann": "picard", "anderson": "anderson", "broyden": "broyden"}
+
+
+class AdjointInfo(NamedTuple):
+    """Per-sample diagnostics of an adjoint solve (arrays of shape ``(B,)``)."""
+
+    iterations: Any  # solver updates (vjp calls - 1 for the fixed-point methods)
+    residual: Any  # relative residual ||g + J^T u - u|| / ||g + J^T u||
+    converged: Any  # bool
+    status: Any  # core.solution.Status codes
+
+
+def default_adjoint_tol(forward_tol: float, dtype_eps: float) -> float:
+    """Backward tolerance tied to the forward one, never below what the dtype can reach."""
+    return max(forward_tol, 10.0 * dtype_eps)
+
+
+def adjoint_solve(
+    xp: Any,
+    vjp: Callable[[Any], Any],
+    g: Any,
+    *,
+    method: str | FixedPointSolver = "anderson",
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    driver: Driver | None = None,
+    **options: Any,
+) -> tuple[Any, AdjointInfo]:
+    """Solve ``u = g + vjp(u)`` per sample (``g``, ``u``: ``(B, n)``).
+
+    Args:
+        xp: Array-API namespace of ``g``.
+        vjp: ``v -> J_f(z*)^T v`` on ``(B, n)`` arrays (per sample).
+        g: cotangent ``dL/dz*``.
+        method: "neumann", "anderson", "broyden" (forward solvers reused on the linear map),
+            "gmres", or a configured fixed-point solver object.
+        tol: relative tolerance on ``||g + J^T u - u|| / ||g + J^T u||``.
+        max_iter: maximum updates (fixed-point methods) or restart cycles (gmres).
+        driver: loop driver (``Backend.run``); defaults to the Python loop.
+        **options: hyperparameters of the chosen method (e.g. ``m`` for anderson).
+
+    Returns:
+        ``(u, info)`` with ``u`` of the dtype/shape of ``g``.
+    """
+    if isinstance(method, str) and method == "gmres":
+        from .gmres import gmres_solve  # restarted GMRES (matrix-free, batched)
+
+        return gmres_solve(xp, vjp, g, tol=tol, max_iter=max_iter, **options)
+    if isinstance(method, str):
+        if method not in FIXED_POINT_METHODS:
+            raise ValueError(
+                f"unknown adjoint method {method!r}; choose one of "
+                f"{', '.join([*FIXED_POINT_METHODS, 'gmres'])}"
+            )
+        solver = make_solver(FIXED_POINT_METHODS[method], options)
+    else:
+        solver = make_solver(method, options)
+    run = driver if driver is not None else python_driver(xp)
+
+    # normalise the right-hand side per sample: the map is linear, so scale back after
+    norm = xp.linalg.vector_norm(g, axis=1)
+    scale = xp.where(norm > 0, norm, xp.ones_like(norm))
+    g_unit = g / scale[:, None]
+
+    def h(u: Any) -> Any:
+        return g_unit + vjp(u)
+
+    state = run(h, g_unit, solver, StopRule(float(tol), 0.0, int(max_iter)))
+    u = state.best_z * scale[:, None]
+    info = AdjointInfo(
+        iterations=state.iterations,
+        residual=state.best_res,
+        converged=state.status == int(Status.CONVERGED),
+        status=state.status,
+    )
+    return u, info

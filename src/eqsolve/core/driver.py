@@ -1,0 +1,42 @@
+"""The Python-loop driver, shared by the eager backends (numpy, torch, cupy,
+array_api_strict) and used by core routines (the adjoint solve) when no driver is given.
+
+A driver is any callable ``driver(f, z0, solver, rule) -> LoopState`` that runs
+``loop_init`` then ``loop_step`` while ``k < max_iter`` and some sample is active; the JAX
+backend provides one built on ``lax.while_loop``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from .loop import LoopState, StopRule, loop_init, loop_step
+from .solver_base import FixedPointSolver
+
+
+class Driver(Protocol):
+    def __call__(
+        self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
+    ) -> LoopState: ...
+
+
+def run_python_loop(
+    xp: Any, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
+) -> LoopState:
+    """Iterate ``loop_step`` while some sample is active and ``k < max_iter``.
+
+    Reading ``any(active)`` is one host sync per iteration, which is free on the CPU.
+    """
+    state = loop_init(xp, f, z0, solver, rule)
+    while state.k < rule.max_iter and bool(xp.any(state.active)):
+        state = loop_step(xp, f, state, solver, rule)
+    return state
+
+
+def python_driver(xp: Any) -> Driver:
+    """``run_python_loop`` bound to namespace ``xp``, as a :class:`Driver`."""
+
+    def drive(f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule) -> LoopState:
+        return run_python_loop(xp, f, z0, solver, rule)
+
+    return drive

@@ -1,0 +1,45 @@
+"""Small deterministic DEQ cells for tests, built from numpy.random so every backend gets
+bit-identical inputs (see shared/BENCHMARKS.md for the full-size versions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from array_api_compat import array_namespace
+
+
+@dataclass(frozen=True)
+class TanhCell:
+    """``f(z) = tanh(z W^T + inj)`` with ``||W||_2 = radius`` (a contraction for radius < 1)."""
+
+    W: np.ndarray
+    inj: np.ndarray
+
+    def __call__(self, z):
+        xp = array_namespace(z)
+        W = xp.asarray(self.W, dtype=z.dtype, device=_dev(z))
+        inj = xp.asarray(self.inj, dtype=z.dtype, device=_dev(z))
+        return xp.tanh(z @ xp.matrix_transpose(W) + inj)
+
+    def z0(self, dtype: str = "float64") -> np.ndarray:
+        return np.zeros(self.inj.shape, dtype=dtype)
+
+
+def tanh_cell(d: int = 16, batch: int = 4, radius: float = 0.9, seed: int = 0, sym: bool = False) -> TanhCell:
+    rng = np.random.default_rng(seed)
+    if sym:  # real spectrum up to `radius`: slow for plain iteration
+        Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        W = Q @ np.diag(np.linspace(0.0, radius, d)) @ Q.T
+        inj = 0.1 * rng.standard_normal((batch, d))
+    else:
+        W = rng.standard_normal((d, d))
+        W *= radius / np.linalg.norm(W, 2)
+        inj = rng.standard_normal((batch, d))
+    return TanhCell(W, inj)
+
+
+def _dev(z):
+    from array_api_compat import device
+
+    return device(z)
