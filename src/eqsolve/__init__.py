@@ -23,6 +23,15 @@ from .core import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKEND_NAMES", "Anderson", "BackendUnavailableError", "Broyden", "ConvergenceError",
-    "ConvergenceWarning", "FixedPointSolver", "Picard", "Solution", "Status", "fixed_point",
+    "BACKEND_NAMES",
+    "Anderson",
+    "BackendUnavailableError",
+    "Broyden",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "FixedPointSolver",
+    "Picard",
+    "Solution",
+    "Status",
+    "fixed_point",
 ]

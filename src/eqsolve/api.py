@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import array_api_compat as aac
 
@@ -76,18 +77,24 @@ def fixed_point(
     rule = StopRule(float(tol), float(atol), int(max_iter))
 
     leaves = list(z0) if isinstance(z0, (tuple, list)) else [z0]
-    names = ["z0"] if not isinstance(z0, (tuple, list)) else [f"z0[{i}]" for i in range(len(leaves))]
+    names = (
+        ["z0"] if not isinstance(z0, (tuple, list)) else [f"z0[{i}]" for i in range(len(leaves))]
+    )
     if not leaves:
         raise ValueError("z0 is an empty sequence; it needs at least one array")
-    for leaf, name in zip(leaves, names):
+    for leaf, name in zip(leaves, names, strict=True):
         if not aac.is_array_api_obj(leaf):
-            raise TypeError(f"{name} must be an array (numpy, torch, jax, cupy or array-api-strict), "
-                            f"got {type(leaf).__name__}")
+            raise TypeError(
+                f"{name} must be an array (numpy, torch, jax, cupy or array-api-strict), "
+                f"got {type(leaf).__name__}"
+            )
     if backend is None:
         try:
             backend_name = backend_name_of(aac.array_namespace(*leaves))
         except TypeError as exc:
-            raise TypeError(f"the arrays of z0 must all come from one array library: {exc}") from None
+            raise TypeError(
+                f"the arrays of z0 must all come from one array library: {exc}"
+            ) from None
     else:
         backend_name = backend
     be = get_backend(backend_name)
@@ -141,7 +148,9 @@ def _report_failures(xp: Any, sol: Solution, on_failure: str, max_iter: int) -> 
             f"(largest relative residual {worst:.3g})"
         )
     if n_bad:
-        parts.append(f"{n_bad} of {n} samples hit NaN/inf and were stopped at their best finite iterate")
+        parts.append(
+            f"{n_bad} of {n} samples hit NaN/inf and were stopped at their best finite iterate"
+        )
     message = "; ".join(parts) + " (see Solution.status)"
     if on_failure == "raise":
         raise ConvergenceError(message, sol)

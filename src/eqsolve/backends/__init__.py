@@ -18,7 +18,8 @@ time it is asked for, and a missing package gives an error that says what to ins
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import array_api_compat as aac
 
@@ -73,7 +74,7 @@ def get_backend(name: str) -> Backend:
 
 def backend_name_of(xp: Any) -> str:
     """Name of the backend whose namespace is ``xp`` (from ``array_namespace``)."""
-    checks = [
+    checks: list[tuple[str, Callable[[Any], bool]]] = [
         ("numpy", aac.is_numpy_namespace),
         ("torch", aac.is_torch_namespace),
         ("jax", aac.is_jax_namespace),

@@ -6,14 +6,15 @@ therefore checks ``cupy.cuda.is_available()`` when it is first asked for.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import array_api_compat.cupy as xp
 import cupy
 
+from ..core.driver import run_python_loop
 from ..core.loop import LoopState, StopRule
 from ..core.solver_base import FixedPointSolver
-from ..core.driver import run_python_loop
 from . import BackendUnavailableError
 
 if not cupy.cuda.is_available():
@@ -38,7 +39,9 @@ class CupyBackend:
 
             return cupy.asarray(np.asarray(x))
 
-    def run(self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule) -> LoopState:
+    def run(
+        self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
+    ) -> LoopState:
         return run_python_loop(xp, f, z0, solver, rule)
 
     def is_traced(self, x: Any) -> bool:

@@ -7,7 +7,8 @@ function theorem (a ``custom_vjp`` adapter), never from differentiating the loop
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,9 @@ class JaxBackend:
 
             return jnp.asarray(np.asarray(x))
 
-    def run(self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule) -> LoopState:
+    def run(
+        self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
+    ) -> LoopState:
         state = loop_init(jnp, f, z0, solver, rule)
         state = state._replace(k=jnp.asarray(0, dtype=jnp.int32))
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import array_api_compat.numpy as xp
 import numpy as np
 
+from ..core.driver import run_python_loop
 from ..core.loop import LoopState, StopRule
 from ..core.solver_base import FixedPointSolver
-from ..core.driver import run_python_loop
 
 
 class NumpyBackend:
@@ -26,7 +27,9 @@ class NumpyBackend:
             return x.get()
         return np.asarray(x)
 
-    def run(self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule) -> LoopState:
+    def run(
+        self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
+    ) -> LoopState:
         return run_python_loop(xp, f, z0, solver, rule)
 
     def is_traced(self, x: Any) -> bool:

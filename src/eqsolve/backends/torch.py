@@ -6,14 +6,15 @@ theorem, not from backprop through the iterations), so it runs under ``torch.no_
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import array_api_compat.torch as xp
 import torch
 
+from ..core.driver import run_python_loop
 from ..core.loop import LoopState, StopRule
 from ..core.solver_base import FixedPointSolver
-from ..core.driver import run_python_loop
 
 
 class TorchBackend:
@@ -30,7 +31,9 @@ class TorchBackend:
 
             return torch.asarray(np.asarray(x))
 
-    def run(self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule) -> LoopState:
+    def run(
+        self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
+    ) -> LoopState:
         with torch.no_grad():
             return run_python_loop(xp, f, z0, solver, rule)
 

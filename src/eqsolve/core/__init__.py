@@ -11,7 +11,18 @@ from .solution import ConvergenceError, ConvergenceWarning, Solution, Status
 from .solver_base import FixedPointSolver, make_solver, solver_names
 
 __all__ = [
-    "Anderson", "Broyden", "ConvergenceError", "ConvergenceWarning", "FixedPointSolver",
-    "LoopState", "Picard", "Solution", "Status", "StopRule", "loop_init", "loop_step",
-    "make_solver", "solver_names",
+    "Anderson",
+    "Broyden",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "FixedPointSolver",
+    "LoopState",
+    "Picard",
+    "Solution",
+    "Status",
+    "StopRule",
+    "loop_init",
+    "loop_step",
+    "make_solver",
+    "solver_names",
 ]

@@ -16,7 +16,8 @@ float32 cotangents cannot underflow the stopping rule or the Gram matrices.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from .driver import Driver, python_driver
 from .loop import StopRule
@@ -71,7 +72,7 @@ def adjoint_solve(
     if isinstance(method, str) and method == "gmres":
         from .gmres import gmres_solve  # restarted GMRES (matrix-free, batched)
 
-        return gmres_solve(xp, vjp, g, tol=tol, max_iter=max_iter, **options)
+        return gmres_solve(xp, vjp, g, tol=tol, max_iter=max_iter, driver=driver, **options)
     if isinstance(method, str):
         if method not in FIXED_POINT_METHODS:
             raise ValueError(

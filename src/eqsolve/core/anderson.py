@@ -117,9 +117,9 @@ class Anderson(FixedPointSolver):
         slot = (k + 1) % self.m
         X = xpx.at(state.X)[:, slot, ...].set(z_new)
         G = xpx.at(state.G)[:, slot, ...].set(g_new)
-        row = xp.matmul(G, g_new[:, :, None])[:, :, 0]  # (B, m): <g_i, g_new>, unused slots 0
+        # (B, m): <g_i, g_new>, unused slots 0. Row-vector form: torch's (B,m,n) @ (B,n,1)
+        # batched matrix-vector product measured 4x slower on the CPU.
+        row = xp.matmul(g_new[:, None, :], xp.matrix_transpose(G))[:, 0, :]
         H = xpx.at(state.H)[:, slot, ...].set(row)
         H = xpx.at(H)[:, :, slot].set(row)
         return AndersonState(X, G, H)
-
-

@@ -8,7 +8,8 @@ backend provides one built on ``lax.while_loop``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .loop import LoopState, StopRule, loop_init, loop_step
 from .solver_base import FixedPointSolver
@@ -36,7 +37,9 @@ def run_python_loop(
 def python_driver(xp: Any) -> Driver:
     """``run_python_loop`` bound to namespace ``xp``, as a :class:`Driver`."""
 
-    def drive(f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule) -> LoopState:
+    def drive(
+        f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
+    ) -> LoopState:
         return run_python_loop(xp, f, z0, solver, rule)
 
     return drive

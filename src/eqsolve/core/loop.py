@@ -20,8 +20,9 @@ to index every ring buffer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from .solution import Status
 from .solver_base import FixedPointSolver
@@ -101,7 +102,9 @@ def loop_step(
 
     newly_converged = active & converged & finite
     newly_nonfinite = active & ~finite
-    status = xp.where(newly_converged, xp.full_like(state.status, int(Status.CONVERGED)), state.status)
+    status = xp.where(
+        newly_converged, xp.full_like(state.status, int(Status.CONVERGED)), state.status
+    )
     status = xp.where(newly_nonfinite, xp.full_like(status, int(Status.NONFINITE)), status)
 
     return LoopState(

@@ -11,8 +11,9 @@ user's state to that view and back:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Structure:
     def flatten(self, xp: Any, tree: Any) -> Any:
         """``tree`` -> ``(B, n)`` array."""
         parts = []
-        for leaf, axis in zip(self.leaves(tree), self.batch_axes):
+        for leaf, axis in zip(self.leaves(tree), self.batch_axes, strict=True):
             if axis is None:
                 parts.append(xp.reshape(leaf, (1, -1)))
             else:
@@ -49,7 +50,7 @@ class Structure:
         """``(B, n)`` array -> an object with the user's structure."""
         leaves = []
         offset = 0
-        for shape, axis, size in zip(self.shapes, self.batch_axes, self.sizes):
+        for shape, axis, size in zip(self.shapes, self.batch_axes, self.sizes, strict=True):
             piece = flat if len(self.sizes) == 1 else flat[:, offset : offset + size]
             offset += size
             if axis is None:
@@ -77,7 +78,9 @@ def structure_of(z0: Any, batch_axis: int | None) -> Structure:
         leaves: Sequence[Any] = z0
     else:
         container, leaves = None, [z0]
-    shapes, axes, sizes = [], [], []
+    shapes: list[tuple[int, ...]] = []
+    axes: list[int | None] = []
+    sizes: list[int] = []
     batch = 1
     for i, leaf in enumerate(leaves):
         shape = tuple(int(s) for s in leaf.shape)

@@ -44,7 +44,7 @@ def check_state_arrays(xp: Any, leaves: list[Any], names: list[str]) -> None:
             f"{names[0]} has dtype {first.dtype} ({kind}); fixed_point needs a real floating "
             "dtype (float32 or float64): cast it first"
         )
-    for leaf, name in zip(leaves[1:], names[1:]):
+    for leaf, name in zip(leaves[1:], names[1:], strict=True):
         if leaf.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {leaf.dtype} but {names[0]} has {first.dtype}")
         if device_of(leaf) != device_of(first):
@@ -57,13 +57,18 @@ def check_f_output(xp: Any, fz: Any, z: Any, structure: Structure) -> None:
     """``f(z0)`` must have the structure, shapes, dtype, device and array library of ``z0``."""
     if structure.container is not None:
         if not isinstance(fz, (tuple, list)) or len(fz) != len(structure.shapes):
-            got = f"{type(fz).__name__} of length {len(fz)}" if isinstance(fz, (tuple, list)) else type(fz).__name__
+            got = (
+                f"{type(fz).__name__} of length {len(fz)}"
+                if isinstance(fz, (tuple, list))
+                else type(fz).__name__
+            )
             raise ValueError(
                 f"f(z0) must return a sequence of {len(structure.shapes)} arrays like z0, got {got}"
             )
     out_leaves = structure.leaves(fz)
     in_leaves = structure.leaves(z)
-    for i, (out, inp, shape) in enumerate(zip(out_leaves, in_leaves, structure.shapes)):
+    triples = zip(out_leaves, in_leaves, structure.shapes, strict=True)
+    for i, (out, inp, shape) in enumerate(triples):
         where = "f(z0)" if structure.container is None else f"f(z0)[{i}]"
         try:
             out_xp = aac.array_namespace(out)
