@@ -87,14 +87,19 @@ class Anderson(FixedPointSolver):
         d = xp.linalg.diagonal(H)  # (B, m): squared residual norms
         d = xp.where(d > 0, d, xp.ones_like(d))  # empty slot or exactly-zero residual
         dinv = 1.0 / xp.sqrt(d)
-        Hs = H * (dinv[:, :, None] * dinv[:, None, :])  # unit diagonal on the filled block
+        # unit diagonal on the filled block; one factor at a time, since |H_ij| dinv_i <=
+        # sqrt(d_j): the product dinv_i dinv_j alone overflows for subnormal residuals
+        Hs = (H * dinv[:, :, None]) * dinv[:, None, :]
         reg = self.regularization
         if reg is None:
             reg = max(1e-10, 10.0 * float(xp.finfo(dtype).eps))
         # filled slots get the relative ridge, empty ones an identity row (so y_i = 0 there)
         A = Hs + xp.eye(m, dtype=dtype, device=device_of(H)) * (reg * valid + (1.0 - valid))
-        rhs = dinv * valid  # (B, m)
-        y = xp.linalg.solve(A, rhs[:, :, None])[:, :, 0] * dinv
+        # y = D^{-1/2} A^{-1} D^{-1/2} 1 up to a per-sample positive factor, which cancels in
+        # alpha: scale D^{-1/2} to max 1 so y cannot overflow when residuals are tiny
+        s = dinv * valid
+        s = s / xp.max(s, axis=1, keepdims=True)
+        y = xp.linalg.solve(A, s[:, :, None])[:, :, 0] * s
         return y / xp.sum(y, axis=1, keepdims=True)
 
     def propose(self, xp: Any, state: AndersonState, z: Any, g: Any, k: Any) -> Any:

@@ -13,11 +13,14 @@ through ``vjp`` (``A v = v - vjp(v)``), on the ``(B, n)`` per-sample view.
 
 Implementation choices:
 
-* **Batched per sample.** Each sample owns its basis ``V`` ``(B, m+1, n)``, its rotated
-  Hessenberg ``R`` ``(B, m, m)`` and its Givens rotations; samples never mix.
+* **Batched per sample.** Each sample owns its basis (``m + 1`` vectors: ``(B, m+1, n)``),
+  its Hessenberg matrix (``(B, m+1, m)``, kept rotated to triangular form) and its Givens
+  rotations; samples never mix, and each has its own breakdown and convergence.
 * **Static shapes.** ``m = min(restart, n)`` Arnoldi steps per cycle, always (a Python
   loop over a static count: the same code is traced once by ``jax.jit``). No Python
-  control flow on array values, ``xp.where`` masks instead.
+  control flow on array values, ``xp.where`` masks instead. The basis and Hessenberg are
+  held as Python lists of ``(B, n)`` / ``(B,)`` arrays, so every operation has one shape
+  whatever the step (JAX compiles each primitive once when run eagerly; no scatters).
 * **Orthogonalisation**: modified Gram-Schmidt followed by one full re-orthogonalisation
   pass ("twice is enough"), so ``V`` stays orthonormal to working precision.
 * **Least squares** by Givens rotations applied column by column (the numerically standard
@@ -56,9 +59,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import array_api_extra as xpx
-
-from ._xp import device_of
 from .driver import python_driver
 from .loop import StopRule
 from .solution import Status
@@ -101,43 +101,40 @@ def gmres_cycle(xp: Any, vjp: Callable[[Any], Any], r: Any, m: int) -> Any:
 
     ``A v = v - vjp(v)``. Returns ``(B, n)``; rows with ``r = 0`` (or non-finite ``r``)
     get an exactly zero correction. Pure function of its inputs, static shapes.
+
+    The basis is held as ``m + 1`` arrays ``(B, n)`` and the rotated Hessenberg as ``(B,)``
+    entries (the ``(B, m+1, n)`` / ``(B, m+1, m)`` data, one per sample) so every operation
+    in the unrolled loop has the same shape whatever ``j`` is: JAX compiles each primitive
+    once when run eagerly, and nothing is scattered into a buffer.
     """
-    B, n = r.shape
-    dtype, dev = r.dtype, device_of(r)
+    dtype = r.dtype
     eps = float(xp.finfo(dtype).eps)
-    zeros_b = xp.zeros((B,), dtype=dtype, device=dev)
+    zero = xp.zeros_like(r[:, 0])  # (B,)
 
     beta = _safe_norm(xp, r)
     alive = (beta > 0) & xp.isfinite(beta)  # v_j is a (nonzero) basis vector
-    V = xp.zeros((B, m + 1, n), dtype=dtype, device=dev)
-    V = xpx.at(V)[:, 0, :].set(_safe_div(xp, r, beta[:, None], alive[:, None]))
-    R = xp.zeros((B, m, m), dtype=dtype, device=dev)  # Hessenberg after the rotations
+    V: list[Any] = [_safe_div(xp, r, beta[:, None], alive[:, None])]
+    R: list[list[Any]] = []  # R[j] = column j of the rotated Hessenberg, rows 0..j
     cs: list[Any] = []
     sn: list[Any] = []
-    gamma: list[Any] = [xp.where(alive, beta, zeros_b)]  # rotated beta e_1
+    gamma: list[Any] = [xp.where(alive, beta, zero)]  # rotated beta e_1
 
     for j in range(m):
-        vj = V[:, j, :]
-        w = vj - vjp(vj)  # A v_j
+        w = V[j] - vjp(V[j])  # A v_j
         w = xp.where(alive[:, None], w, xp.zeros_like(w))
         w_norm0 = xp.linalg.vector_norm(w, axis=1)
-        # modified Gram-Schmidt ...
-        h: list[Any] = []
-        for i in range(j + 1):
-            vi = V[:, i, :]
-            hij = xp.vecdot(vi, w)
-            w = w - hij[:, None] * vi
-            h.append(hij)
-        # ... and one re-orthogonalisation pass (classical, as two batched products)
-        Vj = V[:, : j + 1, :]
-        c = xp.matmul(Vj, w[:, :, None])[:, :, 0]  # (B, j+1)
-        w = w - xp.matmul(c[:, None, :], Vj)[:, 0, :]
-        h = [h[i] + c[:, i] for i in range(j + 1)]
+        # modified Gram-Schmidt, then one re-orthogonalisation sweep ("twice is enough")
+        h = [zero] * (j + 1)
+        for _ in range(2):
+            for i in range(j + 1):
+                hij = xp.vecdot(V[i], w)
+                w = w - hij[:, None] * V[i]
+                h[i] = h[i] + hij
 
         h_next = xp.linalg.vector_norm(w, axis=1)
         nxt = alive & (h_next > eps * w_norm0)  # else (happy) breakdown: invariant subspace
-        V = xpx.at(V)[:, j + 1, :].set(_safe_div(xp, w, h_next[:, None], nxt[:, None]))
-        h_next = xp.where(nxt, h_next, zeros_b)
+        V.append(_safe_div(xp, w, h_next[:, None], nxt[:, None]))
+        h_next = xp.where(nxt, h_next, zero)
 
         # apply the previous rotations to the new column, then make the new rotation
         col = [*h, h_next]
@@ -152,20 +149,22 @@ def gmres_cycle(xp: Any, vjp: Callable[[Any], Any], r: Any, m: int) -> Any:
         s_j = _safe_div(xp, b, rho, ok)
         cs.append(c_j)
         sn.append(s_j)
-        col[j] = xp.where(ok, rho, zeros_b)
+        col[j] = rho  # = c_j a + s_j b (0 when the column is 0)
         gamma.append(-s_j * gamma[j])
         gamma[j] = c_j * gamma[j]
-        R = xpx.at(R)[:, : j + 1, j].set(xp.stack(col[: j + 1], axis=1))
+        R.append(col[: j + 1])
         alive = nxt
 
-    # back-substitution R y = gamma[:m]; a zero diagonal (column after a breakdown) gives
-    # y_i = 0 -- its gamma_i and its row's off-diagonal partners are 0 as well
-    y = xp.zeros((B, m), dtype=dtype, device=dev)
+    # back-substitution R y = gamma[:m]; a zero diagonal (a column after a breakdown) gives
+    # y_i = 0 -- its gamma_i and the rest of its row are 0 as well
+    y: list[Any] = [zero] * m
     for i in range(m - 1, -1, -1):
-        d = R[:, i, i]
-        num = gamma[i] - xp.vecdot(R[:, i, :], y)  # y_k = 0 for k <= i so far
-        y = xpx.at(y)[:, i].set(_safe_div(xp, num, d, d != 0))
-    return xp.matmul(y[:, None, :], V[:, :m, :])[:, 0, :]
+        num = gamma[i]
+        for k in range(i + 1, m):
+            num = num - R[k][i] * y[k]
+        d = R[i][i]
+        y[i] = _safe_div(xp, num, d, d != 0)
+    return xp.matmul(xp.stack(y, axis=1)[:, None, :], xp.stack(V[:m], axis=1))[:, 0, :]
 
 
 @dataclass(frozen=True, eq=False)

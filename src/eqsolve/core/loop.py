@@ -10,6 +10,9 @@ Stopping rule, per sample ``b`` of the ``(B, n)`` view, for the evaluated point 
 
 The reported residual is the relative ``||f(z) - z|| / ||f(z)||`` of the returned point.
 
+The 2-norms are not rescaled: a state whose norm overflows (entries ~1e154 in float64)
+counts as non-finite.
+
 Per-sample freezing: a sample stops (converged, or NaN/inf in its residual) the first time
 the rule holds or a non-finite value appears. From then on its reported fields (best
 iterate, residual, iteration count, status) never change, and the point it feeds to ``f``
@@ -55,8 +58,13 @@ def _measure(xp: Any, z: Any, fz: Any, rule: StopRule) -> tuple[Any, Any, Any, A
     g_norm = xp.linalg.vector_norm(g, axis=1)
     f_norm = xp.linalg.vector_norm(fz, axis=1)
     tiny = float(xp.finfo(z.dtype).smallest_normal)
-    rel = g_norm / xp.maximum(f_norm, xp.asarray(tiny, dtype=z.dtype))
     finite = xp.isfinite(g_norm) & xp.isfinite(f_norm)
+    # divide finite values only (inf/inf would warn on NumPy); non-finite samples get NaN
+    safe_f = xp.where(finite, f_norm, xp.ones_like(f_norm))
+    rel = xp.where(finite, g_norm, xp.zeros_like(g_norm)) / xp.maximum(
+        safe_f, xp.asarray(tiny, dtype=z.dtype)
+    )
+    rel = xp.where(finite, rel, xp.full_like(rel, float("nan")))
     converged = g_norm <= rule.tol * f_norm + rule.atol
     return g, rel, converged, finite
 
@@ -76,7 +84,7 @@ def loop_init(
     return LoopState(
         z=z0,
         g=g,
-        best_z=z0,
+        best_z=xp.asarray(z0, copy=True),  # never hand the caller's array back as the value
         best_res=rel,
         active=finite & ~converged,
         status=status,
@@ -107,14 +115,19 @@ def loop_step(
     )
     status = xp.where(newly_nonfinite, xp.full_like(status, int(Status.NONFINITE)), status)
 
+    # the solver only ever records finite data: a sample that just hit NaN/inf is frozen, and
+    # its history must not produce inf arithmetic (and NumPy warnings) in later steps
+    bad = ~finite[:, None]
+    z_rec = xp.where(bad, state.z, z)
+    g_rec = xp.where(bad, state.g, g)
     return LoopState(
-        z=z,
-        g=g,
+        z=z_rec,
+        g=g_rec,
         best_z=best_z,
         best_res=best_res,
         active=active & ~newly_converged & ~newly_nonfinite,
         status=status,
         iterations=state.iterations + xp.astype(active, state.iterations.dtype),
         k=state.k + 1,
-        solver=solver.update(xp, state.solver, state.z, state.g, z, g, state.k),
+        solver=solver.update(xp, state.solver, state.z, state.g, z_rec, g_rec, state.k),
     )

@@ -1,6 +1,7 @@
 """Plain and damped fixed-point (Picard / Krasnosel'skii-Mann) iteration.
 
-Update rule, with damping ``beta`` in (0, 1] (``beta = 1``: plain iteration):
+Update rule, with step ``beta > 0`` (``beta = 1``: plain iteration; ``beta < 1`` damps, ``beta > 1``
+over-relaxes):
 
     z_{k+1} = z_k + beta * (f(z_k) - z_k) = (1 - beta) z_k + beta f(z_k)
 

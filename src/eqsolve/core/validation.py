@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import array_api_compat as aac
@@ -20,12 +21,13 @@ def check_arguments(
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     for name, value, strict in (("tol", tol, True), ("atol", atol, False)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        value = float(value)
         if math.isnan(value) or math.isinf(value) or value < 0 or (strict and value == 0):
             bound = "> 0" if strict else ">= 0"
             raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int):
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
         raise TypeError(f"max_iter must be an int, got {type(max_iter).__name__}")
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
