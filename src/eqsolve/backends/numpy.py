@@ -18,6 +18,8 @@ class NumpyBackend:
     xp = xp
 
     def convert(self, x: Any) -> Any:
+        if hasattr(x, "detach"):  # torch tensor: no export while it requires grad
+            x = x.detach()
         if hasattr(x, "__dlpack__"):
             try:
                 return np.from_dlpack(x)

@@ -34,8 +34,9 @@ class TorchBackend:
     def run(
         self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
     ) -> LoopState:
+        # the loop never builds a graph, and copies of z0 must not inherit requires_grad
         with torch.no_grad():
-            return run_python_loop(xp, f, z0, solver, rule)
+            return run_python_loop(xp, f, z0.detach(), solver, rule)
 
     def is_traced(self, x: Any) -> bool:
         return False
