@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from ._xp import scaled_norm
 from .driver import Driver, python_driver
 from .loop import StopRule
 from .solution import Status
@@ -85,7 +86,7 @@ def adjoint_solve(
     run = driver if driver is not None else python_driver(xp)
 
     # normalise the right-hand side per sample: the map is linear, so scale back after
-    norm = xp.linalg.vector_norm(g, axis=1)
+    norm = scaled_norm(xp, g)  # a float32 row of 1e-30 has a plain 2-norm of 0
     scale = xp.where(norm > 0, norm, xp.ones_like(norm))
     g_unit = g / scale[:, None]
 
