@@ -1,0 +1,545 @@
+"""PyTorch adapter: a fixed point ``z* = f(z*)`` as a differentiable torch operation.
+
+How the graph is built (the "Distributed use" recipe of the design notes):
+
+1. **Forward solve without a graph.** ``eqsolve.fixed_point`` runs the solver under
+   ``torch.no_grad()`` on a detached ``z0``: nothing is saved for backward however many
+   iterations it takes.
+2. **One differentiable call of f.** When grad mode is on, ``f`` is called once more at the
+   solution, on a fresh leaf ``z_leaf = z*.detach().requires_grad_()`` (flattened per
+   sample to the solver's ``(B, n)`` view, then restored to the user's structure, so
+   multi-scale tuple states work). The returned value is this ``f(z*)``: equal to ``z*``
+   to the solver tolerance, and it carries ``f``'s graph to every tensor ``f`` uses
+   (closed-over ``nn.Module`` parameters, inputs ``x``).
+3. **Implicit backward.** ``f(z*)`` passes through :class:`_ImplicitAdjoint`, a custom
+   ``torch.autograd.Function`` that is the identity forward and, backward, maps the
+   incoming cotangent ``g`` to the solution ``u`` of the adjoint system
+   ``u = g + J_f(z*)^T u`` (``eqsolve.core.adjoint.adjoint_solve``; each ``J_f^T v`` is a
+   ``torch.autograd.grad`` of the saved ``f(z*)`` with respect to ``z_leaf`` only). Autograd
+   then continues through ``f``'s graph with ``u``, giving ``u^T df/dtheta`` for every
+   parameter and input: the exact implicit gradient.
+
+Why a custom Function rather than a tensor hook: one node sees the whole flattened state, so
+a tuple of feature maps needs no per-leaf bookkeeping; it holds no reference back to its own
+output (a hook that closes over the tensor it is registered on makes a reference cycle that
+keeps the graph alive until the garbage collector runs); and a backward with
+``create_graph=True`` (whose second derivatives would silently miss the dependence of ``u``
+on the parameters) is refused with a clear error. The adjoint's VJPs differentiate with respect to
+``z_leaf`` only, so they never touch parameter gradient accumulators: the parameters
+receive exactly one gradient, in the user's own backward pass, which is what
+``DistributedDataParallel``'s all-reduce hooks expect.
+
+Memory held for backward is the graph of one call of ``f`` (phantom: ``k`` calls), whatever
+the number of forward iterations.
+
+Inexact, biased gradients (cheaper; documented as such):
+
+* ``backward="phantom"``: ``k`` damped unrolled steps from the detached ``z*``,
+  ``z_{i+1} = (1 - lam) z_i + lam f(z_i)``, differentiated by ordinary backprop
+  (Geng et al., "On training implicit models", NeurIPS 2021). The value is ``z_k``.
+* ``backward="jfb"``: one step, ``f(z*)`` with ``z*`` detached (Jacobian-free
+  backpropagation: Fung et al., "JFB: Jacobian-free backpropagation for implicit networks",
+  AAAI 2022); equivalent to ``u = g``, i.e. phantom with ``k = 1, lam = 1``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import fixed_point as _fixed_point
+from ..backends.torch import BACKEND
+from ..core.adjoint import FIXED_POINT_METHODS, AdjointInfo, adjoint_solve, default_adjoint_tol
+from ..core.solution import ConvergenceError, ConvergenceWarning, Solution, Status
+from ..core.solver_base import FixedPointSolver, make_solver
+from ..core.structure import Structure, structure_of
+from ..core.validation import ON_FAILURE
+
+__all__ = ["ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "fixed_point"]
+
+#: exact implicit gradient, by the adjoint linear solve named
+ADJOINT_METHODS: tuple[str, ...] = ("neumann", "anderson", "broyden", "gmres")
+#: every accepted ``backward=`` name (``None`` too: no gradient)
+BACKWARD_METHODS: tuple[str, ...] = (*ADJOINT_METHODS, "phantom", "jfb")
+
+_PHANTOM_STEPS = 5
+_PHANTOM_DAMPING = 0.5
+
+
+@dataclass(frozen=True)
+class _Backward:
+    """Validated backward settings (``method`` None: no gradient)."""
+
+    method: str | FixedPointSolver | None
+    tol: float | None = None
+    max_iter: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    steps: int = 1
+    damping: float = 1.0
+    on_failure: str = "warn"
+
+    @property
+    def inexact(self) -> bool:
+        return self.method in ("phantom", "jfb")
+
+
+def _backward_settings(
+    backward: Any,
+    backward_tol: Any,
+    backward_max_iter: Any,
+    backward_options: Any,
+    phantom_steps: Any,
+    phantom_damping: Any,
+    on_failure: Any,
+) -> _Backward:
+    """Check the backward arguments; errors name the offending argument."""
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+    if backward is not None and not isinstance(backward, (str, FixedPointSolver)):
+        raise TypeError(
+            f"backward must be one of {', '.join(map(repr, BACKWARD_METHODS))}, None, or a "
+            f"solver object such as eqsolve.Anderson(m=5); got {type(backward).__name__}"
+        )
+    if isinstance(backward, str) and backward not in BACKWARD_METHODS:
+        raise ValueError(
+            f"unknown backward method {backward!r}; choose one of "
+            f"{', '.join(map(repr, BACKWARD_METHODS))} or None (no gradient)"
+        )
+
+    is_phantom = backward == "phantom"
+    if not is_phantom:
+        for name, value in (("phantom_steps", phantom_steps), ("phantom_damping", phantom_damping)):
+            if value is not None:
+                raise ValueError(
+                    f"{name} applies only to backward='phantom', got backward={backward!r}"
+                )
+    if backward is None or backward in ("phantom", "jfb"):
+        for name, value in (
+            ("backward_tol", backward_tol),
+            ("backward_max_iter", backward_max_iter),
+            ("backward_options", backward_options),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{name} applies only to the implicit (adjoint) backward methods "
+                    f"{', '.join(map(repr, ADJOINT_METHODS))}; got backward={backward!r}"
+                )
+
+    if backward is None:
+        return _Backward(None, on_failure=on_failure)
+    if backward == "jfb":
+        return _Backward("jfb", on_failure=on_failure)
+    if is_phantom:
+        steps = _PHANTOM_STEPS if phantom_steps is None else phantom_steps
+        damping = _PHANTOM_DAMPING if phantom_damping is None else phantom_damping
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"phantom_steps must be an int, got {type(steps).__name__}")
+        if steps < 1:
+            raise ValueError(f"phantom_steps must be >= 1, got {steps}")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+            raise TypeError(f"phantom_damping must be a real number, got {type(damping).__name__}")
+        if not (0.0 < damping <= 1.0):
+            raise ValueError(f"phantom_damping must be in (0, 1], got {damping!r}")
+        return _Backward("phantom", steps=steps, damping=float(damping), on_failure=on_failure)
+
+    # implicit (adjoint) methods
+    if backward_tol is not None:
+        if isinstance(backward_tol, bool) or not isinstance(backward_tol, (int, float)):
+            raise TypeError(
+                f"backward_tol must be a Python float, got {type(backward_tol).__name__}"
+            )
+        if not math.isfinite(backward_tol) or backward_tol <= 0:
+            raise ValueError(f"backward_tol must be finite and > 0, got {backward_tol!r}")
+    if backward_max_iter is not None:
+        if isinstance(backward_max_iter, bool) or not isinstance(backward_max_iter, int):
+            raise TypeError(
+                f"backward_max_iter must be an int, got {type(backward_max_iter).__name__}"
+            )
+        if backward_max_iter < 1:
+            raise ValueError(f"backward_max_iter must be >= 1, got {backward_max_iter}")
+    if backward_options is None:
+        options: dict[str, Any] = {}
+    elif isinstance(backward_options, Mapping):
+        options = dict(backward_options)
+    else:
+        raise TypeError(f"backward_options must be a dict, got {type(backward_options).__name__}")
+    # unknown option names fail now rather than inside loss.backward()
+    if isinstance(backward, FixedPointSolver):
+        make_solver(backward, options)
+    elif backward in FIXED_POINT_METHODS:
+        try:
+            make_solver(FIXED_POINT_METHODS[backward], options)
+        except TypeError as exc:
+            raise TypeError(f"backward_options for backward={backward!r}: {exc}") from None
+    elif backward == "gmres":
+        _check_gmres_options(options)
+    return _Backward(
+        backward,
+        tol=None if backward_tol is None else float(backward_tol),
+        max_iter=backward_max_iter,
+        options=options,
+        on_failure=on_failure,
+    )
+
+
+def _check_gmres_options(options: Mapping[str, Any]) -> None:
+    """Unknown ``backward_options`` names for GMRES fail at the call, not in backward."""
+    try:
+        from ..core.gmres import gmres_solve
+    except ImportError:  # pragma: no cover - adjoint_solve reports the missing module
+        return
+    params = inspect.signature(gmres_solve).parameters
+    valid = {
+        name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    } - {"tol", "max_iter", "driver"}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(
+            f"backward_options for backward='gmres': unknown option(s) "
+            f"{', '.join(map(repr, unknown))}; valid options: {', '.join(sorted(valid))}"
+        )
+
+
+def _leaves(tree: Any) -> list[Any]:
+    return list(tree) if isinstance(tree, (tuple, list)) else [tree]
+
+
+def _tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(fn(*xs) for xs in zip(tree, *rest, strict=True))
+    return fn(tree, *rest)
+
+
+def _method_name(method: Any) -> str:
+    return method if isinstance(method, str) else type(method).__name__
+
+
+class _AdjointLink:
+    """What the backward needs: the one differentiable ``f(z*)`` and its input leaf."""
+
+    def __init__(
+        self,
+        out_flat: torch.Tensor,
+        z_leaf: torch.Tensor,
+        settings: _Backward,
+        forward_tol: float,
+        on_backward: Callable[[AdjointInfo], None] | None,
+    ):
+        self.out_flat = out_flat
+        self.z_leaf = z_leaf
+        self.settings = settings
+        self.forward_tol = forward_tol
+        self.on_backward = on_backward
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        if tuple(g.shape) != tuple(self.out_flat.shape):
+            raise RuntimeError(
+                f"cotangent of shape {tuple(g.shape)} reached the fixed point's backward, "
+                f"expected {tuple(self.out_flat.shape)}"
+            )
+        eps = float(torch.finfo(self.out_flat.dtype).eps)
+        tol = s.tol if s.tol is not None else default_adjoint_tol(self.forward_tol, eps)
+        max_iter = s.max_iter if s.max_iter is not None else 100
+        nvjp = 0
+        unused = False
+
+        def vjp(v: torch.Tensor) -> torch.Tensor:
+            nonlocal nvjp, unused
+            nvjp += 1
+            (gz,) = torch.autograd.grad(
+                self.out_flat, self.z_leaf, v, retain_graph=True, allow_unused=True
+            )
+            if gz is None:
+                unused = True
+                return torch.zeros_like(v)
+            return gz
+
+        assert s.method is not None
+        u, info = adjoint_solve(
+            BACKEND.xp, vjp, g.contiguous(), method=s.method, tol=tol, max_iter=max_iter,
+            driver=BACKEND.run, **dict(s.options),
+        )
+        if unused:
+            warnings.warn(
+                "f(z*) does not depend on z through autograd (torch.autograd.grad found no "
+                "path from z to f(z)), so the backward used J_f = 0. If f detaches z "
+                "(.detach(), .data, NumPy), the implicit gradient is wrong.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if self.on_backward is not None:
+            self.on_backward(info)
+        if s.on_failure != "ignore":
+            _report_adjoint_failures(u, info, s, tol, max_iter, nvjp)
+        return u
+
+
+def _report_adjoint_failures(
+    u: torch.Tensor, info: AdjointInfo, s: _Backward, tol: float, max_iter: int, nvjp: int
+) -> None:
+    status = info.status.reshape(-1)
+    n = int(status.shape[0])
+    max_mask = status == int(Status.MAX_ITER)
+    n_max = int(max_mask.sum())
+    n_bad = int((status == int(Status.NONFINITE)).sum())
+    if n_max == 0 and n_bad == 0:
+        return
+    name = _method_name(s.method)
+    parts = []
+    if n_max:
+        worst = float(info.residual.reshape(-1)[max_mask].max())
+        parts.append(
+            f"{n_max} of {n} samples did not reach backward_tol={tol:.3g} within "
+            f"backward_max_iter={max_iter} (largest relative residual {worst:.3g})"
+        )
+    if n_bad:
+        parts.append(
+            f"{n_bad} of {n} samples hit NaN/inf (a non-finite cotangent, or J_f(z*) with "
+            "spectral radius >= 1 for a plain 'neumann' iteration)"
+        )
+    message = (
+        f"implicit backward (backward={name!r}): " + "; ".join(parts)
+        + ": the gradient of those samples is inexact (see on_failure; try another backward "
+        "method or a larger backward_max_iter)"
+    )
+    if s.on_failure == "raise":
+        adjoint = Solution(
+            value=u, converged=info.converged, iterations=info.iterations,
+            residual=info.residual, status=info.status, nfev=nvjp,
+        )
+        raise ConvergenceError(message, adjoint)
+    warnings.warn(message, ConvergenceWarning, stacklevel=3)
+
+
+class _ImplicitAdjoint(torch.autograd.Function):
+    """Identity on ``f(z*)`` (flattened); backward solves ``u = g + J_f(z*)^T u``."""
+
+    @staticmethod
+    def forward(ctx: Any, out_flat: torch.Tensor, link: _AdjointLink) -> torch.Tensor:
+        ctx.link = link
+        return out_flat.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if torch.is_grad_enabled():  # create_graph=True: u's dependence on theta is not recorded
+            raise RuntimeError(
+                "eqsolve.torch.fixed_point does not support higher-order gradients "
+                "(backward with create_graph=True through the implicit backward): the "
+                "adjoint solve is not differentiable. Use backward='phantom' or an unrolled "
+                "loop where second derivatives are needed."
+            )
+        return ctx.link.solve(g), None
+
+
+def fixed_point(
+    f: Callable[[Any], Any],
+    z0: Any,
+    *,
+    solver: str | FixedPointSolver = "anderson",
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    max_iter: int = 100,
+    batch_axis: int | None = 0,
+    backward: str | FixedPointSolver | None = "anderson",
+    backward_tol: float | None = None,
+    backward_max_iter: int | None = None,
+    backward_options: Mapping[str, Any] | None = None,
+    phantom_steps: int | None = None,
+    phantom_damping: float | None = None,
+    on_failure: str = "warn",
+    on_backward: Callable[[AdjointInfo], None] | None = None,
+    **solver_options: Any,
+) -> Solution:
+    """Differentiable fixed point ``z* = f(z*)`` of a PyTorch function.
+
+    The solve runs without a graph; when grad mode is on, one more differentiable call
+    ``f(z*)`` attaches the backward, so ``Solution.value`` carries ``grad_fn`` and gradients
+    reach every tensor ``f`` uses: the parameters it closes over (an ``nn.Module``'s) and
+    its inputs. Memory held for backward is that of one call of ``f`` (``k`` calls for
+    ``"phantom"``), independent of the number of solver iterations.
+
+    Args:
+        f: maps a state like ``z0`` to one like it, with torch operations (it must be
+            differentiable by autograd with respect to ``z`` and whatever it closes over).
+        z0: initial guess: a tensor, or a tuple/list of tensors sharing the batch axis
+            (multi-scale states). It is detached: ``z*`` does not depend on it, so it
+            receives no gradient.
+        solver, tol, atol, max_iter, batch_axis, **solver_options: the forward solve, as
+            in :func:`eqsolve.fixed_point`.
+        backward: how gradients are computed:
+
+            * ``"anderson"`` (default), ``"broyden"``, ``"neumann"`` (plain iteration: the
+              truncated Neumann series, needs spectral radius of ``J_f(z*)`` < 1),
+              ``"gmres"``, or a configured solver object: the exact implicit gradient
+              ``u^T df/dtheta`` with ``u = g + J_f(z*)^T u`` solved to ``backward_tol``;
+            * ``"phantom"``: phantom gradient, ``phantom_steps`` damped steps
+              ``z_{i+1} = (1 - lam) z_i + lam f(z_i)`` from the detached ``z*`` with
+              ``lam = phantom_damping``, backpropagated (biased; Geng et al. 2021);
+            * ``"jfb"``: Jacobian-free backpropagation, ``f(z*)`` with ``z*`` detached, i.e.
+              ``u = g`` (biased; Fung et al. 2022);
+            * ``None``: no gradient (the value is the detached ``z*``).
+        backward_tol: relative tolerance of the adjoint solve; default
+            ``max(tol, 10 * eps(dtype))``.
+        backward_max_iter: maximum adjoint iterations (GMRES: restart cycles); default 100.
+        backward_options: hyperparameters of the adjoint method, e.g. ``{"m": 5}`` for
+            ``"anderson"`` or ``{"restart": 20}`` for ``"gmres"``.
+        phantom_steps: ``k`` for ``"phantom"`` (int >= 1, default 5).
+        phantom_damping: ``lam`` for ``"phantom"`` (in (0, 1], default 0.5).
+        on_failure: forward *and* adjoint non-convergence / NaN: ``"warn"``
+            (:class:`eqsolve.ConvergenceWarning`), ``"raise"``
+            (:class:`eqsolve.ConvergenceError`; raised from ``loss.backward()`` for the
+            adjoint, holding the adjoint's ``(B, n)`` solution) or ``"ignore"``.
+        on_backward: called with the adjoint's :class:`~eqsolve.core.adjoint.AdjointInfo`
+            (per-sample iterations, residual, converged, status) after each implicit
+            backward, e.g. to log it.
+
+    Returns:
+        A :class:`eqsolve.Solution`. With grad mode on and ``backward`` not ``None``,
+        ``value`` is ``f(z*)`` (implicit methods and ``"jfb"``; equal to ``z*`` to the
+        forward tolerance) or the phantom iterate ``z_k``, and carries ``grad_fn``; ``nfev``
+        counts these extra calls of ``f``. Otherwise (``torch.no_grad()``, inference mode,
+        or ``backward=None``) ``value`` is the solver's ``z*`` without a graph and no extra
+        call is made. ``converged``, ``iterations``, ``residual`` and ``status`` describe
+        the forward solve.
+
+    Raises:
+        TypeError / ValueError: invalid arguments (naming the argument).
+        RuntimeError: ``f(z*)`` has no autograd graph although its input requires grad
+            (``f`` detaches, uses ``.data`` or leaves torch).
+
+    Example:
+        >>> import torch, eqsolve.torch as et
+        >>> W = torch.nn.Parameter(0.5 * torch.eye(3, dtype=torch.float64))
+        >>> x = torch.ones(2, 3, dtype=torch.float64)
+        >>> sol = et.fixed_point(lambda z: torch.tanh(z @ W.T + x), torch.zeros(2, 3,
+        ...                      dtype=torch.float64), tol=1e-10)
+        >>> sol.value.sum().backward(); W.grad.shape
+        torch.Size([3, 3])
+    """
+    settings = _backward_settings(
+        backward, backward_tol, backward_max_iter, backward_options, phantom_steps,
+        phantom_damping, on_failure,
+    )
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    for i, leaf in enumerate(_leaves(z0)):
+        if not isinstance(leaf, torch.Tensor):
+            where = "z0" if not isinstance(z0, (tuple, list)) else f"z0[{i}]"
+            raise TypeError(
+                f"{where} must be a torch.Tensor for eqsolve.torch.fixed_point, got "
+                f"{type(leaf).__name__} (use eqsolve.fixed_point for other array libraries)"
+            )
+    z0_detached = _tree_map(lambda t: t.detach(), z0)
+    sol = _fixed_point(
+        f, z0_detached, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
+        batch_axis=batch_axis, backend="torch", on_failure=on_failure, **solver_options,
+    )
+    if settings.method is None or not torch.is_grad_enabled():
+        return sol
+
+    z_star = sol.value
+    if settings.inexact:
+        z = _tree_map(lambda t: t.detach(), z_star)
+        lam = settings.damping
+        for _ in range(settings.steps):
+            fz = f(z)
+            z = fz if lam == 1.0 else _tree_map(lambda a, b: (1.0 - lam) * a + lam * b, z, fz)
+        return sol._replace(value=z, nfev=sol.nfev + settings.steps)
+
+    xp = BACKEND.xp
+    structure: Structure = structure_of(z_star, batch_axis)
+    z_leaf = structure.flatten(xp, z_star).detach().requires_grad_(True)
+    out = f(structure.unflatten(xp, z_leaf))
+    out_flat = structure.flatten(xp, out)
+    if not out_flat.requires_grad:
+        raise RuntimeError(
+            "f(z*) returned a tensor without an autograd graph although z* requires grad: "
+            "f is not differentiable with torch autograd (does it call .detach(), use "
+            ".data, go through NumPy, or run under torch.no_grad()?). Pass backward=None "
+            "if no gradient is wanted."
+        )
+    link = _AdjointLink(out_flat, z_leaf, settings, float(tol), on_backward)
+    value = structure.unflatten(xp, _ImplicitAdjoint.apply(out_flat, link))
+    return sol._replace(value=value, nfev=sol.nfev + 1)
+
+
+class DEQ(nn.Module):
+    """A deep-equilibrium layer: holds the solver settings, solves ``z = f(z)``.
+
+    Usage inside a model::
+
+        self.deq = eqsolve.torch.DEQ(tol=1e-4, max_iter=30, backward="anderson")
+        ...
+        z = self.deq(lambda z: self.cell(z, x), z0)
+
+    The layer has no parameters of its own: gradients go to whatever ``f`` closes over.
+    Behaviour is the same in ``train()`` and ``eval()`` mode (gradients flow in both; use
+    ``torch.no_grad()`` for graph-free inference, which also skips the extra call of ``f``).
+
+    Args: the keyword arguments of :func:`fixed_point` (validated here, at construction).
+
+    Attributes:
+        last_solution: the :class:`eqsolve.Solution` of the latest forward call, with its
+            ``value`` detached (so it never keeps a graph alive).
+        last_adjoint_info: the :class:`~eqsolve.core.adjoint.AdjointInfo` of the latest
+            implicit backward (``None`` before the first one).
+    """
+
+    last_solution: Solution | None
+    last_adjoint_info: AdjointInfo | None
+
+    def __init__(
+        self,
+        *,
+        solver: str | FixedPointSolver = "anderson",
+        tol: float = 1e-6,
+        atol: float = 0.0,
+        max_iter: int = 100,
+        batch_axis: int | None = 0,
+        backward: str | FixedPointSolver | None = "anderson",
+        backward_tol: float | None = None,
+        backward_max_iter: int | None = None,
+        backward_options: Mapping[str, Any] | None = None,
+        phantom_steps: int | None = None,
+        phantom_damping: float | None = None,
+        on_failure: str = "warn",
+        **solver_options: Any,
+    ):
+        super().__init__()
+        from ..core.validation import check_arguments
+
+        check_arguments(lambda z: z, tol, atol, max_iter, on_failure, batch_axis)  # f comes later
+        _backward_settings(
+            backward, backward_tol, backward_max_iter, backward_options, phantom_steps,
+            phantom_damping, on_failure,
+        )
+        make_solver(solver, dict(solver_options))
+        self.options: dict[str, Any] = dict(
+            solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
+            backward=backward, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
+            backward_options=backward_options, phantom_steps=phantom_steps,
+            phantom_damping=phantom_damping, on_failure=on_failure, **solver_options,
+        )
+        self.last_solution = None
+        self.last_adjoint_info = None
+
+    def _record_adjoint(self, info: AdjointInfo) -> None:
+        self.last_adjoint_info = info
+
+    def forward(self, f: Callable[[Any], Any], z0: Any) -> Any:
+        """Solve ``z = f(z)`` from ``z0``; the differentiable value (see :func:`fixed_point`)."""
+        sol = fixed_point(f, z0, on_backward=self._record_adjoint, **self.options)
+        self.last_solution = sol._replace(value=_tree_map(lambda t: t.detach(), sol.value))
+        return sol.value
+
+    def extra_repr(self) -> str:
+        shown = {k: v for k, v in self.options.items() if v is not None}
+        return ", ".join(f"{k}={v!r}" for k, v in shown.items())

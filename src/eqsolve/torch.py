@@ -1,0 +1,20 @@
+"""PyTorch entry points: a differentiable fixed point and a DEQ layer.
+
+>>> import eqsolve.torch as et                                         # doctest: +SKIP
+>>> sol = et.fixed_point(lambda z: cell(z, x), z0, backward="anderson")  # doctest: +SKIP
+>>> sol.value.sum().backward()                                         # doctest: +SKIP
+
+See :mod:`eqsolve.adapters.torch` for how the backward is built (a graph-free solve, one
+differentiable call of ``f`` at ``z*``, and the implicit adjoint solve in backward).
+"""
+
+from __future__ import annotations
+
+from .adapters.torch import ADJOINT_METHODS, BACKWARD_METHODS, DEQ, fixed_point
+from .core.adjoint import AdjointInfo
+from .core.solution import ConvergenceError, ConvergenceWarning, Solution
+
+__all__ = [
+    "ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "AdjointInfo", "ConvergenceError",
+    "ConvergenceWarning", "Solution", "fixed_point",
+]
