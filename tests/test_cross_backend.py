@@ -37,8 +37,8 @@ def _is_backend_array(x, backend: str) -> bool:
 def test_iterates_agree_with_numpy(backend, solver):
     cell = tanh_cell(d=16, batch=4, seed=5)
     z0 = 0.1 * np.random.default_rng(0).standard_normal((4, 16))
-    ref = eqsolve.fixed_point(cell, z0, solver=solver, tol=1e-10, max_iter=500)
-    sol = eqsolve.fixed_point(cell, from_numpy(z0, backend), solver=solver, tol=1e-10,
+    ref = eqsolve.solve(cell, z0, solver=solver, tol=1e-10, max_iter=500)
+    sol = eqsolve.solve(cell, from_numpy(z0, backend), solver=solver, tol=1e-10,
                               max_iter=500)
     assert _is_backend_array(sol.value, backend)
     np.testing.assert_allclose(to_numpy(sol.value), ref.value, rtol=0, atol=1e-10)
@@ -56,8 +56,8 @@ def test_truncated_iterates_agree_with_numpy(backend, solver):
     cell = tanh_cell(d=16, batch=3, radius=0.99, seed=2, sym=True)
     z0 = cell.z0()
     kw = dict(solver=solver, tol=1e-12, max_iter=6, on_failure="ignore")
-    ref = eqsolve.fixed_point(cell, z0, **kw)
-    sol = eqsolve.fixed_point(cell, from_numpy(z0, backend), **kw)
+    ref = eqsolve.solve(cell, z0, **kw)
+    sol = eqsolve.solve(cell, from_numpy(z0, backend), **kw)
     assert (ref.status == int(eqsolve.Status.MAX_ITER)).all()  # really stopped early
     np.testing.assert_allclose(to_numpy(sol.value), ref.value, rtol=0, atol=1e-10)
     np.testing.assert_allclose(to_numpy(sol.residual), ref.residual, rtol=1e-8)
@@ -83,14 +83,14 @@ def test_backend_argument_gives_f_that_backends_arrays(backend):
         return out
 
     z0 = cell.z0()  # a NumPy array
-    sol = eqsolve.fixed_point(f, z0, backend=backend, solver="picard", tol=1e-10)
+    sol = eqsolve.solve(f, z0, backend=backend, solver="picard", tol=1e-10)
     assert seen  # f was called (traced, under JAX)
     for field in (sol.value, sol.converged, sol.iterations, sol.residual, sol.status):
         assert _is_backend_array(field, backend), type(field)
     assert get_backend(backend).xp.isdtype(sol.value.dtype, "real floating")
     assert to_numpy(sol.value).dtype == np.float64
     assert to_numpy(sol.converged).all()
-    ref = eqsolve.fixed_point(cell, z0, solver="picard", tol=1e-10)
+    ref = eqsolve.solve(cell, z0, solver="picard", tol=1e-10)
     np.testing.assert_allclose(to_numpy(sol.value), ref.value, rtol=0, atol=1e-10)
     np.testing.assert_array_equal(z0, 0.0)  # the caller's array is untouched
 
@@ -107,7 +107,7 @@ def test_torch_z0_with_numpy_backend():
         return cell(z)
 
     z0 = torch.zeros(2, 8, dtype=torch.float64)
-    sol = eqsolve.fixed_point(f, z0, backend="numpy", tol=1e-10)
+    sol = eqsolve.solve(f, z0, backend="numpy", tol=1e-10)
     assert type(sol.value) is np.ndarray
     assert sol.converged.all()
     assert (z0 == 0).all()
@@ -125,10 +125,10 @@ def test_torch_z0_requiring_grad_is_detached(backend):
         assert _is_backend_array(z, backend)
         return cell(z)
 
-    sol = eqsolve.fixed_point(f, z0, backend=backend, solver="picard", tol=1e-10)
+    sol = eqsolve.solve(f, z0, backend=backend, solver="picard", tol=1e-10)
     assert _is_backend_array(sol.value, backend)
     assert to_numpy(sol.converged).all()
-    ref = eqsolve.fixed_point(cell, np.zeros((2, 8)), solver="picard", tol=1e-10)
+    ref = eqsolve.solve(cell, np.zeros((2, 8)), solver="picard", tol=1e-10)
     np.testing.assert_allclose(to_numpy(sol.value), ref.value, rtol=0, atol=1e-10)
     assert z0.grad is None and (z0.detach() == 0).all()
 
@@ -139,12 +139,12 @@ def test_torch_z0_requiring_grad_on_torch_backend(start):
     """The solve builds no graph and emits no warning, also when the best iterate is z0
     itself ("fixed_point": z0 already satisfies the stopping rule)."""
     cell = tanh_cell(d=8, batch=2)
-    ref = eqsolve.fixed_point(cell, np.zeros((2, 8)), tol=1e-10)
+    ref = eqsolve.solve(cell, np.zeros((2, 8)), tol=1e-10)
     base = np.zeros((2, 8)) if start == "zeros" else ref.value
     z0 = torch.tensor(base, dtype=torch.float64, requires_grad=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sol = eqsolve.fixed_point(cell, z0, tol=1e-8)
+        sol = eqsolve.solve(cell, z0, tol=1e-8)
     assert [str(w.message) for w in caught] == []
     assert isinstance(sol.value, torch.Tensor)
     assert bool(sol.converged.all())

@@ -81,7 +81,7 @@ def nan_at_start_map(cell: TanhCell):
 
 def _solve_rest_alone(cell: TanhCell, backend: str, solver: str, **kw):
     rest = TanhCell(cell.W, cell.inj[1:])
-    return eqsolve.fixed_point(rest, from_numpy(rest.z0(), backend), solver=solver, **kw)
+    return eqsolve.solve(rest, from_numpy(rest.z0(), backend), solver=solver, **kw)
 
 
 def _status(sol):
@@ -96,7 +96,7 @@ def test_nan_during_solve_stops_that_sample(backend, solver):
     cell = _cell()
     kw = dict(solver=solver, tol=1e-10, max_iter=200)
     with pytest.warns(ConvergenceWarning, match=r"1 of 4 samples hit NaN/inf") as record:
-        sol = eqsolve.fixed_point(drifting_nan_map(cell), from_numpy(cell.z0(), backend), **kw)
+        sol = eqsolve.solve(drifting_nan_map(cell), from_numpy(cell.z0(), backend), **kw)
     assert len([w for w in record if issubclass(w.category, ConvergenceWarning)]) == 1
 
     status = _status(sol)
@@ -125,7 +125,7 @@ def test_nan_during_solve_stops_that_sample(backend, solver):
 def test_inf_during_solve_stops_that_sample(backend, solver, bad):
     cell = _cell()
     with pytest.warns(ConvergenceWarning, match=r"NaN/inf"):
-        sol = eqsolve.fixed_point(
+        sol = eqsolve.solve(
             drifting_nan_map(cell, bad),
             from_numpy(cell.z0(), backend),
             solver=solver,
@@ -144,7 +144,7 @@ def test_nan_on_failure_raise(backend, solver):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)  # raise mode must not also warn
         with pytest.raises(ConvergenceError, match=r"hit NaN/inf") as info:
-            eqsolve.fixed_point(
+            eqsolve.solve(
                 drifting_nan_map(cell),
                 from_numpy(cell.z0(), backend),
                 solver=solver,
@@ -164,7 +164,7 @@ def test_nan_on_failure_ignore_is_silent(backend, solver):
     cell = _cell()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing at all may be emitted
-        sol = eqsolve.fixed_point(
+        sol = eqsolve.solve(
             drifting_nan_map(cell),
             from_numpy(cell.z0(), backend),
             solver=solver,
@@ -180,7 +180,7 @@ def test_nan_in_f_of_z0(backend, solver):
     cell = _cell()
     z0_np = np.random.default_rng(3).standard_normal((BATCH, DIM)) * 0.1
     with pytest.warns(ConvergenceWarning, match=r"1 of 4 samples hit NaN/inf"):
-        sol = eqsolve.fixed_point(
+        sol = eqsolve.solve(
             nan_at_start_map(cell),
             from_numpy(z0_np, backend),
             solver=solver,
@@ -206,7 +206,7 @@ def test_nan_everywhere_in_f_of_z0_stops_immediately(backend):
 
     z0_np = np.ones((BATCH, DIM))
     with pytest.warns(ConvergenceWarning, match=r"4 of 4 samples hit NaN/inf"):
-        sol = eqsolve.fixed_point(f, from_numpy(z0_np, backend), solver="picard")
+        sol = eqsolve.solve(f, from_numpy(z0_np, backend), solver="picard")
     assert _status(sol) == [int(Status.NONFINITE)] * BATCH
     assert to_numpy(sol.iterations).tolist() == [0] * BATCH
     assert int(sol.nfev) == 1
@@ -234,7 +234,7 @@ def test_nan_in_one_leaf_of_tuple_state(backend):
 
     z0 = (from_numpy(cell.z0(), backend), from_numpy(np.zeros((BATCH, 2)), backend))
     with pytest.warns(ConvergenceWarning, match=r"1 of 4 samples hit NaN/inf"):
-        sol = eqsolve.fixed_point(f, z0, tol=1e-8, atol=1e-12, max_iter=200)
+        sol = eqsolve.solve(f, z0, tol=1e-8, atol=1e-12, max_iter=200)
     assert _status(sol) == [0, 0, int(Status.NONFINITE), 0]
     assert all(np.all(np.isfinite(to_numpy(leaf))) for leaf in sol.value)
 
@@ -250,7 +250,7 @@ def test_nonfinite_f_gives_no_runtime_warning(backend, solver, bad):
     cell = _cell()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sol = eqsolve.fixed_point(
+        sol = eqsolve.solve(
             drifting_nan_map(cell, bad),
             from_numpy(cell.z0(), backend),
             solver=solver,
@@ -279,7 +279,7 @@ def test_max_iter_reached_warns(backend, solver):
     with pytest.warns(
         ConvergenceWarning, match=r"3 of 3 samples did not converge within max_iter=3"
     ):
-        sol = eqsolve.fixed_point(
+        sol = eqsolve.solve(
             cell, from_numpy(cell.z0(), backend), solver=solver, tol=1e-12, max_iter=3
         )
     assert _status(sol) == [int(Status.MAX_ITER)] * 3
@@ -296,7 +296,7 @@ def test_max_iter_reached_warns(backend, solver):
 def test_max_iter_on_failure_raise(backend):
     cell = _slow_cell()
     with pytest.raises(ConvergenceError, match=r"max_iter=3") as info:
-        eqsolve.fixed_point(
+        eqsolve.solve(
             cell,
             from_numpy(cell.z0(), backend),
             solver="picard",
@@ -314,7 +314,7 @@ def test_max_iter_on_failure_ignore_is_silent(backend):
     cell = _slow_cell()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sol = eqsolve.fixed_point(
+        sol = eqsolve.solve(
             cell, from_numpy(cell.z0(), backend), tol=1e-12, max_iter=3, on_failure="ignore"
         )
     assert _status(sol) == [int(Status.MAX_ITER)] * 3
@@ -334,7 +334,7 @@ def test_partial_non_convergence_counts(backend):
         return xp.where(_row_mask(xp, z, 0), drifting_nan_map(cell)(z), out)
 
     with pytest.warns(ConvergenceWarning) as record:
-        sol = eqsolve.fixed_point(
+        sol = eqsolve.solve(
             f, from_numpy(cell.z0(), backend), solver="picard", tol=1e-10, max_iter=40
         )
     msgs = [str(w.message) for w in record if issubclass(w.category, ConvergenceWarning)]
@@ -383,7 +383,7 @@ def test_jit_nan_no_exception_no_warning(jax_mod):
 
     @jax.jit
     def solve(z0):
-        return eqsolve.fixed_point(
+        return eqsolve.solve(
             f, z0, solver="anderson", tol=1e-10, max_iter=60, on_failure="raise"
         )
 
@@ -416,7 +416,7 @@ def test_jit_max_iter_no_exception_no_warning(jax_mod):
 
     @jax.jit
     def solve(z0):
-        return eqsolve.fixed_point(
+        return eqsolve.solve(
             cell, z0, solver="picard", tol=1e-12, max_iter=3, on_failure="raise"
         )
 
@@ -449,7 +449,7 @@ def test_inputs_not_mutated(backend, solver):
     f, closed, z0_np = _closure_problem(backend)
     z0 = from_numpy(z0_np, backend)
     before = [to_numpy(a).copy() for a in (z0, *closed)]
-    sol = eqsolve.fixed_point(f, z0, solver=solver, tol=1e-10, max_iter=100)
+    sol = eqsolve.solve(f, z0, solver=solver, tol=1e-10, max_iter=100)
     after = [to_numpy(a) for a in (z0, *closed)]
     for b, a in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -471,7 +471,7 @@ def test_tuple_inputs_not_mutated(backend, solver):
         return [f1(a), 0.5 * xp.tanh(b) + 0.1 * a[:, :3]]
 
     before = [to_numpy(x).copy() for x in z0]
-    sol = eqsolve.fixed_point(f, z0, solver=solver, tol=1e-10, max_iter=100)
+    sol = eqsolve.solve(f, z0, solver=solver, tol=1e-10, max_iter=100)
     assert isinstance(sol.value, list)
     for x, b in zip(z0, before, strict=True):
         np.testing.assert_array_equal(to_numpy(x), b)
@@ -486,7 +486,7 @@ def test_numpy_input_not_mutated_with_backend_conversion(backend):
     keep = z0_np.copy()
     solver = "picard" if backend == "jax" else "anderson"
     with pytest.warns(ConvergenceWarning):
-        sol = eqsolve.fixed_point(
+        sol = eqsolve.solve(
             drifting_nan_map(cell), z0_np, backend=backend, solver=solver, max_iter=200
         )
     np.testing.assert_array_equal(z0_np, keep)
@@ -566,7 +566,7 @@ def test_ill_posed_mixing_eager(backend, solver, dtype, case):
     z0_np = np.ones((BATCH, DIM), dtype=dtype) if case != "early_stop" else cell.z0(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        sol = eqsolve.fixed_point(
+        sol = eqsolve.solve(
             _zoo_map(cell, case),
             from_numpy(z0_np, backend),
             solver=solver,
@@ -593,7 +593,7 @@ def test_anderson_history_sizes(backend, m):
     cell = _cell()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        sol = eqsolve.fixed_point(
+        sol = eqsolve.solve(
             cell, from_numpy(cell.z0(), backend), solver=eqsolve.Anderson(m=m), tol=1e-10
         )
     assert _status(sol) == [0] * BATCH

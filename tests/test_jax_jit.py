@@ -30,7 +30,7 @@ def _cell_f(W, inj):
 
 
 def _solve(z0, W, inj, solver):
-    return eqsolve.fixed_point(_cell_f(W, inj), z0, solver=solver, tol=1e-10)
+    return eqsolve.solve(_cell_f(W, inj), z0, solver=solver, tol=1e-10)
 
 
 # module level, so the compiled solves are reused by the transfer-guard test
@@ -88,7 +88,7 @@ def test_jit_nonfinite_reports_status_without_raising():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for on_failure in ("warn", "raise"):
-            sol = jax.jit(lambda z, on_failure=on_failure: eqsolve.fixed_point(
+            sol = jax.jit(lambda z, on_failure=on_failure: eqsolve.solve(
                 f, z, solver="picard", tol=1e-10, on_failure=on_failure))(z0)
             status = np.asarray(sol.status)
             assert status.tolist() == [int(Status.NONFINITE), int(Status.CONVERGED)]
@@ -116,8 +116,8 @@ def test_jit_tuple_state():
         return (na, nb)
 
     z0 = (jnp.zeros((B, 3)), jnp.zeros((B, 2, 4)))
-    eager = eqsolve.fixed_point(f, (np.zeros((B, 3)), np.zeros((B, 2, 4))), tol=1e-10)  # NumPy
-    jitted = jax.jit(lambda z: eqsolve.fixed_point(f, z, tol=1e-10))(z0)
+    eager = eqsolve.solve(f, (np.zeros((B, 3)), np.zeros((B, 2, 4))), tol=1e-10)  # NumPy
+    jitted = jax.jit(lambda z: eqsolve.solve(f, z, tol=1e-10))(z0)
     assert isinstance(jitted.value, tuple) and len(jitted.value) == 2
     assert jitted.value[0].shape == (B, 3) and jitted.value[1].shape == (B, 2, 4)
     for a, b in zip(jitted.value, eager.value, strict=True):
@@ -135,7 +135,7 @@ def test_vmap_over_single_system_solves():
     cs = jnp.asarray([0.5, 1.0, 2.0])
 
     def one(c):
-        return eqsolve.fixed_point(lambda v: jnp.cos(c * v), jnp.zeros((4,)), batch_axis=None,
+        return eqsolve.solve(lambda v: jnp.cos(c * v), jnp.zeros((4,)), batch_axis=None,
                                    tol=1e-12, max_iter=200)
 
     sol = jax.jit(jax.vmap(one))(cs)
@@ -146,7 +146,7 @@ def test_vmap_over_single_system_solves():
     np.testing.assert_allclose(np.cos(np.asarray(cs)[:, None] * v), v, rtol=0, atol=1e-11)
     # each instance matches its own solve (run on NumPy: no further compilation)
     for i, c in enumerate([0.5, 1.0, 2.0]):
-        alone = eqsolve.fixed_point(lambda v, c=c: np.cos(c * v), np.zeros((4,)), batch_axis=None,
+        alone = eqsolve.solve(lambda v, c=c: np.cos(c * v), np.zeros((4,)), batch_axis=None,
                                     tol=1e-12, max_iter=200)
         np.testing.assert_allclose(v[i], alone.value, rtol=0, atol=1e-12)
         assert int(np.asarray(sol.iterations)[i]) == int(alone.iterations)

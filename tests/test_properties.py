@@ -63,7 +63,7 @@ def test_affine_contraction_matches_dense_solution(backend, solver, case):
     # z = z A^T + c  <=>  (I - A) z_b = c_b for every sample
     z_star = np.linalg.solve(np.eye(n) - A, c.T).T
 
-    sol = eqsolve.fixed_point(Affine(A, c), from_numpy(z0, backend), solver=solver, tol=1e-12,
+    sol = eqsolve.solve(Affine(A, c), from_numpy(z0, backend), solver=solver, tol=1e-12,
                               max_iter=2000)
     assert to_numpy(sol.converged).all(), (to_numpy(sol.status), to_numpy(sol.residual))
     assert (to_numpy(sol.residual) <= 1e-12 * (1 + 1e-6)).all()
@@ -100,7 +100,7 @@ def test_random_tanh_cell_converges(backend, solver, case):
     batch, d, radius, seed, sym = case
     cell = _tanh_cell(d, batch, radius, seed, sym)
     tol = 1e-10
-    sol = eqsolve.fixed_point(cell, from_numpy(cell.z0(), backend), solver=solver, tol=tol,
+    sol = eqsolve.solve(cell, from_numpy(cell.z0(), backend), solver=solver, tol=tol,
                               max_iter=1000)
     assert to_numpy(sol.converged).all()
     residual = to_numpy(sol.residual)
@@ -119,9 +119,9 @@ def test_batch_invariance_property(solver, case, z0_scale):
     batch += 1  # at least two samples
     cell = _tanh_cell(d, batch, radius, seed, sym)
     z0 = z0_scale * np.random.default_rng(seed + 1).standard_normal((batch, d))
-    full = eqsolve.fixed_point(cell, z0, solver=solver, tol=1e-10, max_iter=1000)
+    full = eqsolve.solve(cell, z0, solver=solver, tol=1e-10, max_iter=1000)
     for b in range(batch):
-        one = eqsolve.fixed_point(TanhCell(cell.W, cell.inj[b : b + 1]), z0[b : b + 1],
+        one = eqsolve.solve(TanhCell(cell.W, cell.inj[b : b + 1]), z0[b : b + 1],
                                   solver=solver, tol=1e-10, max_iter=1000)
         np.testing.assert_allclose(one.value[0], full.value[b], rtol=0, atol=1e-10)
         assert one.iterations[0] == full.iterations[b]

@@ -55,7 +55,7 @@ def test_solves_tanh_cell(backend, dtype_name, solver):
     z0 = from_numpy(z0_np, backend)
     before = to_numpy(z0).copy()
 
-    sol = eqsolve.fixed_point(cell, z0, solver=solver, tol=tol, max_iter=500)
+    sol = eqsolve.solve(cell, z0, solver=solver, tol=tol, max_iter=500)
 
     # the caller's z0 is untouched
     np.testing.assert_array_equal(to_numpy(z0), before)
@@ -105,7 +105,7 @@ def test_nfev_counts_calls(backend):
 
     for solver in SOLVERS:
         calls.clear()
-        sol = eqsolve.fixed_point(f, from_numpy(cell.z0(), backend), solver=solver, tol=1e-10)
+        sol = eqsolve.solve(f, from_numpy(cell.z0(), backend), solver=solver, tol=1e-10)
         assert sol.nfev == len(calls)
         assert len(calls) == 1 + int(to_numpy(sol.iterations).max())
 
@@ -126,7 +126,7 @@ def test_anderson_and_broyden_accelerate(backend):
     z0 = from_numpy(cell.z0(), backend)
     nfev = {}
     for solver in SOLVERS:
-        sol = eqsolve.fixed_point(cell, z0, solver=solver, tol=1e-10, max_iter=2000)
+        sol = eqsolve.solve(cell, z0, solver=solver, tol=1e-10, max_iter=2000)
         assert bool(to_numpy(sol.converged).all()), solver
         assert (np_rel_residual(cell, to_numpy(sol.value)) <= 3e-10).all(), solver
         nfev[solver] = int(sol.nfev)
@@ -161,7 +161,7 @@ def _np_linear_rel(z):
 def test_best_iterate_is_returned(backend):
     max_iter = 25
     z0_np = _ZSTAR + _E0
-    sol = eqsolve.fixed_point(_linear_f, from_numpy(z0_np, backend), solver="picard",
+    sol = eqsolve.solve(_linear_f, from_numpy(z0_np, backend), solver="picard",
                               tol=1e-12, max_iter=max_iter, on_failure="ignore")
     # independent Picard iterates z_0 .. z_max_iter
     iterates = [z0_np]
@@ -199,7 +199,7 @@ def test_best_iterate_among_evaluated_points(solver):
         seen.append(np.array(z, copy=True))
         return z @ A.T + c
 
-    sol = eqsolve.fixed_point(f, rng.standard_normal((B, n)), solver=solver, tol=1e-14,
+    sol = eqsolve.solve(f, rng.standard_normal((B, n)), solver=solver, tol=1e-14,
                               max_iter=6, on_failure="ignore")
     pts = np.stack(seen)  # (calls, B, n)
     res = np.stack([np.linalg.norm(p @ A.T + c - p, axis=-1) / np.linalg.norm(p @ A.T + c, axis=-1)
@@ -219,7 +219,7 @@ def test_best_iterate_among_evaluated_points(solver):
                                  eqsolve.Picard(beta=0.5)], ids=repr)
 def test_solver_objects(backend, obj):
     cell = tanh_cell(d=16, batch=4)
-    sol = eqsolve.fixed_point(cell, from_numpy(cell.z0(), backend), solver=obj, tol=1e-10,
+    sol = eqsolve.solve(cell, from_numpy(cell.z0(), backend), solver=obj, tol=1e-10,
                               max_iter=500)
     assert to_numpy(sol.converged).all()
     assert (np_rel_residual(cell, to_numpy(sol.value)) <= 3e-10).all()
@@ -229,10 +229,10 @@ def test_solver_object_differs_from_default():
     """The object's hyperparameters are actually used (Broyden memory=1 restarts every step
     and so is plain iteration after the first step; Anderson m=1 is plain iteration)."""
     cell = tanh_cell(d=32, batch=4, radius=0.99, sym=True)
-    plain = eqsolve.fixed_point(cell, cell.z0(), solver="picard", tol=1e-10, max_iter=2000)
-    a1 = eqsolve.fixed_point(cell, cell.z0(), solver=eqsolve.Anderson(m=1), tol=1e-10,
+    plain = eqsolve.solve(cell, cell.z0(), solver="picard", tol=1e-10, max_iter=2000)
+    a1 = eqsolve.solve(cell, cell.z0(), solver=eqsolve.Anderson(m=1), tol=1e-10,
                              max_iter=2000)
-    a5 = eqsolve.fixed_point(cell, cell.z0(), solver=eqsolve.Anderson(m=5), tol=1e-10,
+    a5 = eqsolve.solve(cell, cell.z0(), solver=eqsolve.Anderson(m=5), tol=1e-10,
                              max_iter=2000)
     assert a1.nfev == plain.nfev
     np.testing.assert_allclose(a1.value, plain.value, rtol=0, atol=1e-12)
@@ -248,12 +248,12 @@ def _flip(z):
 
 def test_damped_picard_converges_where_plain_does_not(backend):
     z0 = from_numpy(np.ones((2, 3)), backend)
-    plain = eqsolve.fixed_point(_flip, z0, solver="picard", tol=1e-10, max_iter=50,
+    plain = eqsolve.solve(_flip, z0, solver="picard", tol=1e-10, max_iter=50,
                                 on_failure="ignore")
     assert (to_numpy(plain.status) == int(Status.MAX_ITER)).all()
     assert (to_numpy(plain.residual) > 0.1).all()
 
-    damped = eqsolve.fixed_point(_flip, z0, solver=eqsolve.Picard(beta=0.5), tol=1e-10,
+    damped = eqsolve.solve(_flip, z0, solver=eqsolve.Picard(beta=0.5), tol=1e-10,
                                  max_iter=50)
     assert to_numpy(damped.converged).all()
     c = np.arange(1.0, 7.0).reshape(2, 3)
@@ -263,9 +263,9 @@ def test_damped_picard_converges_where_plain_does_not(backend):
 def test_damped_picard_keyword_and_warning():
     z0 = np.ones((2, 3))
     with pytest.warns(eqsolve.ConvergenceWarning):
-        eqsolve.fixed_point(_flip, z0, solver="picard", tol=1e-10, max_iter=5)
-    damped = eqsolve.fixed_point(_flip, z0, solver=eqsolve.Picard(beta=0.5), tol=1e-10)
-    kw = eqsolve.fixed_point(_flip, z0, solver="picard", beta=0.5, tol=1e-10)
+        eqsolve.solve(_flip, z0, solver="picard", tol=1e-10, max_iter=5)
+    damped = eqsolve.solve(_flip, z0, solver=eqsolve.Picard(beta=0.5), tol=1e-10)
+    kw = eqsolve.solve(_flip, z0, solver="picard", beta=0.5, tol=1e-10)
     np.testing.assert_array_equal(kw.value, damped.value)
     assert kw.nfev == damped.nfev == 2
 
@@ -282,7 +282,7 @@ if "jax" in AVAILABLE:
     @functools.partial(jax.jit, static_argnames=("solver", "tol", "max_iter"))
     def _jax_cell_solve(z0, W, inj, solver, tol, max_iter):
         # the weights are arguments: one compilation per shape serves every sample
-        return eqsolve.fixed_point(lambda v: jnp.tanh(v @ W.T + inj), z0, solver=solver,
+        return eqsolve.solve(lambda v: jnp.tanh(v @ W.T + inj), z0, solver=solver,
                                    tol=tol, max_iter=max_iter)
 
 
@@ -295,7 +295,7 @@ def _batch_and_singles(backend, cell, z0_np, solver, tol=1e-10, max_iter=500):
             sol = _jax_cell_solve(jnp.asarray(z), jnp.asarray(cell.W), jnp.asarray(inj),
                                   solver=solver, tol=tol, max_iter=max_iter)
         else:
-            sol = eqsolve.fixed_point(type(cell)(cell.W, inj), from_numpy(z, backend),
+            sol = eqsolve.solve(type(cell)(cell.W, inj), from_numpy(z, backend),
                                       solver=solver, tol=tol, max_iter=max_iter)
         return {k: to_numpy(getattr(sol, k)) for k in fields} | {"nfev": int(sol.nfev)}
 
@@ -334,8 +334,8 @@ def test_batch_axis_1_is_transpose(backend, solver):
         xp = array_namespace(zt)
         return xp.permute_dims(cell(xp.permute_dims(zt, (1, 0))), (1, 0))
 
-    ref = eqsolve.fixed_point(cell, z0, solver=solver, tol=1e-10)  # NumPy, batch_axis=0
-    sol = eqsolve.fixed_point(f_t, from_numpy(np.ascontiguousarray(z0.T), backend),
+    ref = eqsolve.solve(cell, z0, solver=solver, tol=1e-10)  # NumPy, batch_axis=0
+    sol = eqsolve.solve(f_t, from_numpy(np.ascontiguousarray(z0.T), backend),
                               solver=solver, tol=1e-10, batch_axis=1)
     assert tuple(sol.value.shape) == (16, 4)
     assert tuple(sol.converged.shape) == (4,)
@@ -344,7 +344,7 @@ def test_batch_axis_1_is_transpose(backend, solver):
     np.testing.assert_allclose(to_numpy(sol.residual), ref.residual, rtol=0, atol=1e-15)
     if backend != "jax":  # (-1 is normalised before any backend code; spare a JAX compile)
         # batch_axis=-1 means the same thing here
-        neg = eqsolve.fixed_point(f_t, from_numpy(np.ascontiguousarray(z0.T), backend),
+        neg = eqsolve.solve(f_t, from_numpy(np.ascontiguousarray(z0.T), backend),
                                   solver=solver, tol=1e-10, batch_axis=-1)
         np.testing.assert_array_equal(to_numpy(neg.value), to_numpy(sol.value))
 
@@ -353,7 +353,7 @@ def test_batch_axis_1_is_transpose(backend, solver):
 def test_batch_axis_none_is_one_system(backend, solver):
     cell = tanh_cell(d=16, batch=4)
     z0 = z0_for(cell, "float64")
-    sol = eqsolve.fixed_point(cell, from_numpy(z0, backend), solver=solver, tol=1e-10,
+    sol = eqsolve.solve(cell, from_numpy(z0, backend), solver=solver, tol=1e-10,
                               batch_axis=None)
     for field in (sol.converged, sol.iterations, sol.residual, sol.status):
         assert tuple(field.shape) == ()

@@ -50,8 +50,8 @@ def test_multiscale_matches_flat_system(backend, container):
 
     # (the layout code is solver-independent: Picard keeps the JAX compile cheap; every
     # solver is run on a multi-scale state in test_multiscale_every_solver)
-    sol = eqsolve.fixed_point(multiscale_f, z0, solver="picard", tol=1e-10)
-    ref = eqsolve.fixed_point(CELL, flat0, solver="picard", tol=1e-10)  # NumPy, flat
+    sol = eqsolve.solve(multiscale_f, z0, solver="picard", tol=1e-10)
+    ref = eqsolve.solve(CELL, flat0, solver="picard", tol=1e-10)  # NumPy, flat
 
     assert type(sol.value) is container
     assert len(sol.value) == 3
@@ -72,8 +72,8 @@ def test_multiscale_matches_flat_system(backend, container):
 @pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
 def test_multiscale_every_solver(solver):
     leaves = _leaves_np(seed=1)
-    sol = eqsolve.fixed_point(multiscale_f, tuple(leaves), solver=solver, tol=1e-10)
-    ref = eqsolve.fixed_point(CELL, np.concatenate([a.reshape(B, -1) for a in leaves], axis=1),
+    sol = eqsolve.solve(multiscale_f, tuple(leaves), solver=solver, tol=1e-10)
+    ref = eqsolve.solve(CELL, np.concatenate([a.reshape(B, -1) for a in leaves], axis=1),
                               solver=solver, tol=1e-10)
     got = np.concatenate([v.reshape(B, -1) for v in sol.value], axis=1)
     np.testing.assert_allclose(got, ref.value, rtol=0, atol=1e-12)
@@ -93,8 +93,8 @@ def test_multiscale_batch_on_last_axis():
         out = multiscale_f(tuple(np.moveaxis(z, -1, 0) for z in zs))
         return tuple(np.moveaxis(o, 0, -1) for o in out)
 
-    sol = eqsolve.fixed_point(f_last, moved, tol=1e-10, batch_axis=-1)
-    ref = eqsolve.fixed_point(multiscale_f, tuple(leaves), tol=1e-10)
+    sol = eqsolve.solve(f_last, moved, tol=1e-10, batch_axis=-1)
+    ref = eqsolve.solve(multiscale_f, tuple(leaves), tol=1e-10)
     assert sol.converged.shape == (B,)
     for got, want in zip(sol.value, ref.value, strict=True):
         np.testing.assert_allclose(got, np.moveaxis(want, 0, -1), rtol=0, atol=1e-12)
@@ -104,7 +104,7 @@ def test_multiscale_batch_on_last_axis():
 def test_batch_size_mismatch_raises(backend):
     z0 = (from_numpy(np.zeros((3, 2)), backend), from_numpy(np.zeros((4, 2)), backend))
     with pytest.raises(ValueError, match="batch size"):
-        eqsolve.fixed_point(lambda z: z, z0)
+        eqsolve.solve(lambda z: z, z0)
     # the same arrays are fine as one system, and along an axis where the sizes agree
     structure_of(z0, None)
     assert structure_of(z0, 1).batch == 2

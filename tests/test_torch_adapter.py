@@ -223,7 +223,7 @@ def test_phantom_and_jfb_match_their_definition(backward, kwargs, steps, lam):
     (sol.value * ct).sum().backward()
     got = {k: g.clone() for k, g in grads_of(cell, xt).items()}
 
-    core = eqsolve.fixed_point(lambda z: cell(z, xt), z0, tol=1e-8)  # same z*, no graph
+    core = eqsolve.solve(lambda z: cell(z, xt), z0, tol=1e-8)  # same z*, no graph
     assert sol.nfev == core.nfev + steps
     cell.zero_grad()
     xt.grad = None
@@ -312,7 +312,7 @@ def test_multiscale_tuple_state():
     cell.zero_grad()
     ph = et.fixed_point(f, z0, tol=1e-11, backward="phantom", phantom_steps=2)
     assert isinstance(ph.value, tuple) and ph.value[1].shape == (B, 2, 3)
-    z = eqsolve.fixed_point(f, z0, tol=1e-11).value  # the z* the phantom steps start from
+    z = eqsolve.solve(f, z0, tol=1e-11).value  # the z* the phantom steps start from
     for _ in range(2):
         z = tuple(0.5 * a + 0.5 * b for a, b in zip(z, f(z), strict=True))
     torch.testing.assert_close(ph.value[1], z[1], rtol=1e-12, atol=1e-14)
@@ -345,7 +345,7 @@ def test_value_nfev_and_no_grad_modes():
     cell, xt, c, (W, U, b, x) = setup("tanh", torch.float64)
     z0 = torch.zeros(x.shape[0], W.shape[0], dtype=torch.float64)
     f = lambda z: cell(z, xt)  # noqa: E731
-    core = eqsolve.fixed_point(f, z0, tol=1e-9)
+    core = eqsolve.solve(f, z0, tol=1e-9)
     sol = et.fixed_point(f, z0, tol=1e-9)
     assert sol.nfev == core.nfev + 1
     torch.testing.assert_close(sol.value, cell(core.value, xt), rtol=0, atol=0)  # f(z*)
@@ -584,3 +584,35 @@ def test_distributed_data_parallel_gloo(tmp_path):
         assert rel_err(step["W"], ref["W"] / 2) <= 1e-7
         assert rel_err(step["U"], ref["U"] / 2) <= 1e-7
         assert rel_err(step["b"], ref["b"] / 2) <= 1e-7
+
+
+# --- eqsolve.fixed_point routes torch solves to this adapter -----------------------------
+
+
+def test_top_level_fixed_point_is_differentiable_on_torch():
+    """eqsolve.fixed_point on tensors (grad mode on) gives the same gradient as the adapter."""
+    torch.manual_seed(0)
+    W = (0.1 * torch.randn(6, 6, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(3, 6, dtype=torch.float64)
+
+    def grad_of(fp):
+        W.grad = None
+        sol = fp(lambda z: torch.tanh(z @ W + x), torch.zeros(3, 6, dtype=torch.float64), tol=1e-12)
+        sol.value.pow(2).sum().backward()
+        return W.grad.clone()
+
+    g_top = grad_of(eqsolve.fixed_point)
+    g_adapter = grad_of(eqsolve.torch.fixed_point)
+    torch.testing.assert_close(g_top, g_adapter, rtol=1e-12, atol=1e-14)
+    assert float(g_top.abs().max()) > 0.0
+    with torch.no_grad():  # no grad mode: the plain solve, no graph
+        sol = eqsolve.fixed_point(lambda z: torch.tanh(z @ W + x), torch.zeros(3, 6, dtype=torch.float64))
+    assert sol.value.grad_fn is None
+
+
+def test_top_level_fixed_point_backend_torch_converts_and_differentiates():
+    W = (0.1 * torch.randn(5, 5, dtype=torch.float64)).requires_grad_()
+    sol = eqsolve.fixed_point(lambda z: torch.tanh(z @ W + 1.0), np.zeros((2, 5)), backend="torch")
+    assert isinstance(sol.value, torch.Tensor) and sol.value.grad_fn is not None
+    sol.value.sum().backward()
+    assert W.grad is not None and float(W.grad.abs().max()) > 0.0

@@ -337,7 +337,7 @@ def test_max_iter_bad_type(max_iter):
 
 
 def test_max_iter_one_is_allowed(backend):
-    sol = eqsolve.fixed_point(
+    sol = eqsolve.solve(
         CountingMap(), _z0(backend), max_iter=1, on_failure="ignore", solver="picard"
     )
     assert int(sol.nfev) == 2

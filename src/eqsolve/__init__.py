@@ -7,7 +7,8 @@ array-api-strict arrays all work, and ``backend=`` switches between them.
 >>> sol = eqsolve.fixed_point(f, z0, solver="anderson", tol=1e-6)  # doctest: +SKIP
 """
 
-from .api import fixed_point
+from . import api
+from .api import fixed_point, solve
 from .backends import BACKEND_NAMES, BackendUnavailableError
 from .core import (
     Anderson,
@@ -33,5 +34,7 @@ __all__ = [
     "Picard",
     "Solution",
     "Status",
+    "api",
     "fixed_point",
+    "solve",
 ]

@@ -16,7 +16,7 @@ from .core.structure import structure_of
 from .core.validation import check_arguments, check_f_output, check_state_arrays
 
 
-def fixed_point(
+def solve(
     f: Callable[[Any], Any],
     z0: Any,
     *,
@@ -29,7 +29,10 @@ def fixed_point(
     on_failure: str = "warn",
     **solver_options: Any,
 ) -> Solution:
-    """Find ``z`` with ``z = f(z)``, per sample along ``batch_axis``.
+    """Find ``z`` with ``z = f(z)``, per sample along ``batch_axis`` (no gradients).
+
+    This is the framework-neutral forward solve; :func:`fixed_point` is the same with
+    implicit gradients attached on PyTorch (see there).
 
     Iterates a quasi-Newton fixed-point solver until, for every sample ``b``,
     ``||f(z_b) - z_b|| <= tol * ||f(z_b)|| + atol`` (2-norms over the sample's entries), or
@@ -68,7 +71,7 @@ def fixed_point(
 
     Example:
         >>> import numpy as np, eqsolve
-        >>> sol = eqsolve.fixed_point(np.cos, np.zeros((3, 1)), tol=1e-10)
+        >>> sol = eqsolve.api.solve(np.cos, np.zeros((3, 1)), tol=1e-10)
         >>> bool(sol.converged.all()), round(float(sol.value[0, 0]), 6)
         (True, 0.739085)
     """
@@ -129,11 +132,63 @@ def fixed_point(
         nfev=state.k + 1,
     )
     if on_failure != "ignore" and not be.is_traced(state.status):
-        _report_failures(xp, sol, on_failure, max_iter)
+        report_failures(xp, sol, on_failure, max_iter)
     return sol
 
 
-def _report_failures(xp: Any, sol: Solution, on_failure: str, max_iter: int) -> None:
+def fixed_point(
+    f: Callable[[Any], Any],
+    z0: Any,
+    *,
+    backend: str | None = None,
+    **kwargs: Any,
+) -> Solution:
+    """Find ``z`` with ``z = f(z)``; differentiable on PyTorch.
+
+    Same arguments and result as :func:`solve` (see there for every option). When the solve
+    runs on PyTorch (``z0`` is a tensor, or ``backend="torch"``) and grad mode is on, this is
+    :func:`eqsolve.torch.fixed_point`: ``Solution.value`` is ``f(z*)`` (one extra call of
+    ``f``) and carries the exact implicit gradient to everything ``f`` uses; its extra
+    keyword arguments (``backward=...``) are accepted here too. On JAX use
+    :func:`eqsolve.jax.fixed_point` for gradients (``jax.custom_vjp``); elsewhere there is no
+    autodiff and this is :func:`solve`.
+
+    Example:
+        >>> import numpy as np, eqsolve
+        >>> sol = eqsolve.fixed_point(np.cos, np.zeros((3, 1)), tol=1e-10)
+        >>> bool(sol.converged.all()), round(float(sol.value[0, 0]), 6)
+        (True, 0.739085)
+    """
+    if _runs_on_torch_with_grad(z0, backend):
+        from .adapters.torch import fixed_point as torch_fixed_point
+
+        if backend is not None:  # e.g. a NumPy z0 with backend="torch"
+            convert = get_backend("torch").convert
+            z0 = type(z0)(convert(t) for t in z0) if isinstance(z0, (tuple, list)) else convert(z0)
+        return torch_fixed_point(f, z0, **kwargs)
+    return solve(f, z0, backend=backend, **kwargs)
+
+
+def _runs_on_torch_with_grad(z0: Any, backend: str | None) -> bool:
+    """Whether the solve is on PyTorch with grad mode on (torch is then already imported)."""
+    if backend is not None:
+        if backend != "torch":
+            return False
+    else:
+        first = z0[0] if isinstance(z0, (tuple, list)) and len(z0) else z0
+        if not aac.is_torch_array(first):
+            return False
+    leaves = z0 if isinstance(z0, (tuple, list)) else [z0]
+    if not leaves or not all(aac.is_array_api_obj(leaf) for leaf in leaves):
+        return False  # solve() gives the error that names the bad argument
+    try:
+        import torch
+    except ImportError:  # backend="torch" without torch: solve() raises the clear error
+        return False
+    return bool(torch.is_grad_enabled())
+
+
+def report_failures(xp: Any, sol: Solution, on_failure: str, max_iter: int) -> None:
     status = xp.reshape(sol.status, (-1,))
     n = status.shape[0]
     n_max = int(xp.sum(xp.astype(status == int(Status.MAX_ITER), xp.int32)))

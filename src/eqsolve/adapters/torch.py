@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import fixed_point as _fixed_point
+from ..api import solve as _fixed_point
 from ..backends.torch import BACKEND
 from ..core.adjoint import FIXED_POINT_METHODS, AdjointInfo, adjoint_solve, default_adjoint_tol
 from ..core.solution import ConvergenceError, ConvergenceWarning, Solution, Status
