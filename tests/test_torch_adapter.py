@@ -606,7 +606,8 @@ def test_top_level_fixed_point_is_differentiable_on_torch():
     torch.testing.assert_close(g_top, g_adapter, rtol=1e-12, atol=1e-14)
     assert float(g_top.abs().max()) > 0.0
     with torch.no_grad():  # no grad mode: the plain solve, no graph
-        sol = eqsolve.fixed_point(lambda z: torch.tanh(z @ W + x), torch.zeros(3, 6, dtype=torch.float64))
+        z0 = torch.zeros(3, 6, dtype=torch.float64)
+        sol = eqsolve.fixed_point(lambda z: torch.tanh(z @ W + x), z0)
     assert sol.value.grad_fn is None
 
 
