@@ -35,13 +35,18 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import problems  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -53,25 +58,11 @@ MAX_ITER = 1000
 
 
 def make_problem(name: str, d: int = 256, p: int = 64, batch: int = 64, seed: int = 0):
-    """P1 / P4 parameters, built as in bench/problems.py (same rng sequence)."""
-    rng = np.random.default_rng(seed)
-    if name == "P1":
-        W = rng.standard_normal((d, d))
-        W *= 0.9 / np.linalg.norm(W, 2)
-        scale = 1.0
-    elif name == "P4":
-        Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-        W = Q @ np.diag(np.linspace(0.0, 0.99, d)) @ Q.T
-        scale = 0.1
-    else:
-        raise ValueError(f"unknown problem {name!r}; choose P1 or P4")
-    U = rng.standard_normal((d, p)) / np.sqrt(p)
-    b = 0.1 * rng.standard_normal(d)
-    x = rng.standard_normal((batch, p))
-    # injection scale * (x U^T + b) folded into U and b, so the parameters are differentiable
-    params = {"W": W, "U": scale * U, "b": scale * b}
+    """P1 / P4 parameters from bench/problems.py, and a random cotangent ``c``."""
+    pr = problems.make_problem({"P1": "tanh", "P4": "sym"}[name], d=d, p=p, batch=batch, seed=seed)
+    params = {"W": pr.W, "U": pr.U, "b": pr.b}
     c = np.random.default_rng(seed + 1).standard_normal((batch, d))
-    return params, x, c
+    return params, pr.x, c
 
 
 def cell(z: Any, params: Any, x: Any) -> Any:

@@ -1,5 +1,10 @@
 """Benchmark problems of shared/BENCHMARKS.md, built once in NumPy float64 from a fixed seed
-so every backend gets bit-identical inputs."""
+so every backend gets bit-identical inputs.
+
+``f(z) = tanh(z W^T + x U^T + b)``; random draws in the order W (or Q), U, b, x from
+``numpy.random.default_rng(seed)``. The ``sym`` problem's input-injection scale (0.1) is
+folded into ``U`` and ``b``, so the parameters can be differentiated as they are.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
+PROBLEMS = ("tanh", "tanh-wide", "sym")
+
 
 @dataclass(frozen=True)
 class TanhProblem:
-    """``f(z) = tanh(z W^T + x U^T + b)``; ``inj = x U^T + b`` is precomputed."""
+    """The parameters of one DEQ cell and its input batch."""
 
     name: str
     W: np.ndarray  # (d, d)
-    inj: np.ndarray  # (B, d)
+    U: np.ndarray  # (d, p)
+    b: np.ndarray  # (d,)
+    x: np.ndarray  # (B, p)
+
+    @property
+    def inj(self) -> np.ndarray:
+        """Input injection ``x U^T + b``, ``(B, d)``."""
+        return self.x @ self.U.T + self.b
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.inj.shape
+        return (self.x.shape[0], self.W.shape[0])
 
 
 def make_problem(
@@ -35,8 +49,8 @@ def make_problem(
         W = Q @ np.diag(np.linspace(0.0, 0.99, d)) @ Q.T
         scale = 0.1
     else:
-        raise ValueError(f"unknown problem {name!r}; choose tanh, tanh-wide or sym")
+        raise ValueError(f"unknown problem {name!r}; choose one of {', '.join(PROBLEMS)}")
     U = rng.standard_normal((d, p)) / np.sqrt(p)
     b = 0.1 * rng.standard_normal(d)
     x = rng.standard_normal((batch, p))
-    return TanhProblem(name, W, scale * (x @ U.T + b))
+    return TanhProblem(name, W, scale * U, scale * b, x)

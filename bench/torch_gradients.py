@@ -32,7 +32,9 @@ import importlib.util
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,23 +43,16 @@ import torch
 import eqsolve
 import eqsolve.torch as et
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import problems  # noqa: E402
+
 D, P, B = 256, 64, 64
 
 
 def make_problem(kind: str, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    if kind == "sym":
-        Q, _ = np.linalg.qr(rng.standard_normal((D, D)))
-        W = Q @ np.diag(np.linspace(0.0, 0.99, D)) @ Q.T
-        scale = 0.1
-    else:
-        W = rng.standard_normal((D, D))
-        W *= 0.9 / np.linalg.norm(W, 2)
-        scale = 1.0
-    U = scale * rng.standard_normal((D, P)) / np.sqrt(P)
-    b = scale * 0.1 * rng.standard_normal(D)
-    x = rng.standard_normal((B, P))
-    return {"W": W, "U": U, "b": b, "x": x}
+    """P1 (``tanh``) or P4 (``sym``) parameters from bench/problems.py, as a dict."""
+    pr = problems.make_problem(kind, d=D, p=P, batch=B, seed=seed)
+    return {"W": pr.W, "U": pr.U, "b": pr.b, "x": pr.x}
 
 
 def reference(pr: dict[str, np.ndarray], z: np.ndarray, c: np.ndarray) -> dict[str, np.ndarray]:

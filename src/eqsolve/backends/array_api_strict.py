@@ -6,18 +6,15 @@ Array API (implicit dtype promotion, flat indexing, non-standard functions).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import array_api_compat as aac
 import array_api_strict as xp
 
-from ..core.driver import run_python_loop
-from ..core.loop import LoopState, StopRule
-from ..core.solver_base import FixedPointSolver
+from ._eager import EagerBackend
 
 
-class ArrayApiStrictBackend:
+class ArrayApiStrictBackend(EagerBackend):
     name = "array_api_strict"
     xp = xp
 
@@ -29,14 +26,6 @@ class ArrayApiStrictBackend:
         import numpy as np
 
         return xp.asarray(np.asarray(x))
-
-    def run(
-        self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
-    ) -> LoopState:
-        return run_python_loop(xp, f, z0, solver, rule)
-
-    def is_traced(self, x: Any) -> bool:
-        return False
 
 
 BACKEND = ArrayApiStrictBackend()

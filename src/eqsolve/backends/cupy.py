@@ -6,15 +6,11 @@ therefore checks ``cupy.cuda.is_available()`` when it is first asked for.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import array_api_compat.cupy as xp
 import cupy
 
-from ..core.driver import run_python_loop
-from ..core.loop import LoopState, StopRule
-from ..core.solver_base import FixedPointSolver
 from . import BackendUnavailableError
 
 if not cupy.cuda.is_available():
@@ -23,7 +19,10 @@ if not cupy.cuda.is_available():
     )
 
 
-class CupyBackend:
+from ._eager import EagerBackend
+
+
+class CupyBackend(EagerBackend):
     name = "cupy"
     xp = xp
 
@@ -38,14 +37,6 @@ class CupyBackend:
             import numpy as np
 
             return cupy.asarray(np.asarray(x))
-
-    def run(
-        self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
-    ) -> LoopState:
-        return run_python_loop(xp, f, z0, solver, rule)
-
-    def is_traced(self, x: Any) -> bool:
-        return False
 
 
 BACKEND = CupyBackend()

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import array_api_compat.numpy as xp
 import numpy as np
 
-from ..core.driver import run_python_loop
-from ..core.loop import LoopState, StopRule
-from ..core.solver_base import FixedPointSolver
+from ._eager import EagerBackend
 
 
-class NumpyBackend:
+class NumpyBackend(EagerBackend):
     name = "numpy"
     xp = xp
 
@@ -28,14 +25,6 @@ class NumpyBackend:
         if hasattr(x, "get"):  # CuPy: explicit device -> host copy
             return x.get()
         return np.asarray(x)
-
-    def run(
-        self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
-    ) -> LoopState:
-        return run_python_loop(xp, f, z0, solver, rule)
-
-    def is_traced(self, x: Any) -> bool:
-        return False
 
 
 BACKEND = NumpyBackend()

@@ -12,12 +12,12 @@ from typing import Any
 import array_api_compat.torch as xp
 import torch
 
-from ..core.driver import run_python_loop
 from ..core.loop import LoopState, StopRule
 from ..core.solver_base import FixedPointSolver
+from ._eager import EagerBackend
 
 
-class TorchBackend:
+class TorchBackend(EagerBackend):
     name = "torch"
     xp = xp
 
@@ -36,10 +36,7 @@ class TorchBackend:
     ) -> LoopState:
         # the loop never builds a graph, and copies of z0 must not inherit requires_grad
         with torch.no_grad():
-            return run_python_loop(xp, f, z0.detach(), solver, rule)
-
-    def is_traced(self, x: Any) -> bool:
-        return False
+            return super().run(f, z0.detach(), solver, rule)
 
 
 BACKEND = TorchBackend()
