@@ -57,7 +57,7 @@ def run_backend(name: str, problem, dtype: str, tol: float, reps: int) -> list[d
         f = lambda z: np.tanh(z @ W.T + inj)  # noqa: E731
         z0 = np.zeros(problem.shape, dtype)
         sync = lambda out: out  # noqa: E731
-        solve = lambda s: eqsolve.fixed_point(f, z0, solver=s, tol=tol, max_iter=1000)  # noqa: E731
+        solve = lambda s: eqsolve.solve(f, z0, solver=s, tol=tol, max_iter=1000)  # noqa: E731
     elif name == "torch":
         import torch
 
@@ -66,7 +66,7 @@ def run_backend(name: str, problem, dtype: str, tol: float, reps: int) -> list[d
         f = lambda z: torch.tanh(z @ Wt + injt)  # noqa: E731
         z0 = torch.zeros(problem.shape, dtype=getattr(torch, dtype))
         sync = lambda out: out  # noqa: E731
-        solve = lambda s: eqsolve.fixed_point(f, z0, solver=s, tol=tol, max_iter=1000)  # noqa: E731
+        solve = lambda s: eqsolve.solve(f, z0, solver=s, tol=tol, max_iter=1000)  # noqa: E731
     elif name == "jax":
         import jax
         import jax.numpy as jnp
@@ -80,7 +80,7 @@ def run_backend(name: str, problem, dtype: str, tol: float, reps: int) -> list[d
             return jax.block_until_ready(out)
 
         jitted = {
-            s: jax.jit(lambda z, s=s: eqsolve.fixed_point(f, z, solver=s, tol=tol, max_iter=1000))
+            s: jax.jit(lambda z, s=s: eqsolve.solve(f, z, solver=s, tol=tol, max_iter=1000))
             for s in SOLVERS
         }
         solve = lambda s: jitted[s](z0)  # noqa: E731

@@ -60,7 +60,7 @@ def report(backend):
 
     for solver in ("picard", "anderson", "broyden"):
         def solve(z0, solver=solver):
-            return eqsolve.fixed_point(f, z0, solver=solver, tol=1e-8, max_iter=200)
+            return eqsolve.solve(f, z0, solver=solver, tol=1e-8, max_iter=200)
 
         if backend == "jax":
             import jax
