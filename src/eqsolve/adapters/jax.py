@@ -32,7 +32,6 @@ In every mode the returned value is ``z*`` itself; only the backward rule differ
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,9 +44,16 @@ import jax.numpy as jnp
 from ..api import report_failures
 from ..api import solve as _array_fixed_point
 from ..backends.jax import BACKEND
-from ..core.adjoint import FIXED_POINT_METHODS, adjoint_solve, default_adjoint_tol
+from ..core.adjoint import (
+    FIXED_POINT_METHODS,
+    adjoint_solve,
+    check_backward_limits,
+    check_backward_options,
+    check_phantom,
+    default_adjoint_tol,
+)
 from ..core.solution import ConvergenceWarning, Solution, Status
-from ..core.solver_base import FixedPointSolver, make_solver
+from ..core.solver_base import FixedPointSolver
 from ..core.structure import Structure, structure_of
 from ..core.validation import check_arguments, check_state_arrays
 
@@ -309,75 +315,25 @@ def _check_backward(
             "backward must be a method name or a solver object such as eqsolve.Anderson(m=5), "
             f"got {type(backward).__name__}"
         )
-    if backward_tol is not None:
-        if isinstance(backward_tol, bool) or not isinstance(backward_tol, (int, float)):
-            raise TypeError(
-                f"backward_tol must be a float or None, got {type(backward_tol).__name__}"
-            )
-        if not math.isfinite(backward_tol) or backward_tol <= 0:
-            raise ValueError(f"backward_tol must be finite and > 0, got {backward_tol!r}")
-        backward_tol = float(backward_tol)
-    if backward_max_iter is None:
-        backward_max_iter = max_iter
-    elif isinstance(backward_max_iter, bool) or not isinstance(backward_max_iter, int):
-        raise TypeError(
-            f"backward_max_iter must be an int or None, got {type(backward_max_iter).__name__}"
-        )
-    elif backward_max_iter < 1:
-        raise ValueError(f"backward_max_iter must be >= 1, got {backward_max_iter}")
-    if backward_options is None:
-        backward_options = {}
-    elif not isinstance(backward_options, dict):
-        raise TypeError(
-            f"backward_options must be a dict or None, got {type(backward_options).__name__}"
-        )
+    backward_tol, max_iter_or_none = check_backward_limits(backward_tol, backward_max_iter)
+    backward_max_iter = max_iter if max_iter_or_none is None else max_iter_or_none
+    # type checked for every method; unknown names of adjoint methods raise now, not in grad
+    backward_options = check_backward_options(backward, backward_options)
     if backward_options and isinstance(backward, str) and backward in INEXACT_METHODS:
         raise TypeError(
             f"backward_options {sorted(backward_options)} do not apply to backward={backward!r}; "
             "use phantom_steps / phantom_damping"
         )
-    if isinstance(backward, str) and backward in FIXED_POINT_METHODS:
-        make_solver(FIXED_POINT_METHODS[backward], dict(backward_options))  # unknown names raise
-    elif backward == "gmres" and backward_options:
-        _check_gmres_options(backward_options)
     if backward_on_failure not in BACKWARD_ON_FAILURE:
         raise ValueError(
             f"backward_on_failure must be one of {BACKWARD_ON_FAILURE}, got {backward_on_failure!r}"
         )
-    if isinstance(phantom_steps, bool) or not isinstance(phantom_steps, int):
-        raise TypeError(f"phantom_steps must be an int, got {type(phantom_steps).__name__}")
-    if phantom_steps < 1:
-        raise ValueError(f"phantom_steps must be >= 1, got {phantom_steps}")
-    if isinstance(phantom_damping, bool) or not isinstance(phantom_damping, (int, float)):
-        raise TypeError(f"phantom_damping must be a float, got {type(phantom_damping).__name__}")
-    if not (math.isfinite(phantom_damping) and 0.0 < phantom_damping <= 1.0):
-        raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}")
+    phantom_steps, phantom_damping = check_phantom(phantom_steps, phantom_damping)
     return _Backward(
         method=backward, tol=backward_tol, max_iter=backward_max_iter,
-        options=dict(backward_options), on_failure=backward_on_failure,
-        phantom_steps=phantom_steps, phantom_damping=float(phantom_damping),
+        options=backward_options, on_failure=backward_on_failure,
+        phantom_steps=phantom_steps, phantom_damping=phantom_damping,
     )
-
-
-def _check_gmres_options(options: dict[str, Any]) -> None:
-    """Unknown ``backward_options`` for gmres raise now, not at differentiation time."""
-    import inspect
-
-    try:
-        from ..core.gmres import gmres_solve
-    except ImportError:  # reported when the backward pass runs
-        return
-    sig = inspect.signature(gmres_solve)
-    valid = {
-        name for name, prm in sig.parameters.items()
-        if prm.kind is prm.KEYWORD_ONLY and name not in ("tol", "max_iter", "driver")
-    }
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise TypeError(
-            f"unknown backward_options {', '.join(map(repr, unknown))} for backward='gmres'; "
-            f"valid options: {', '.join(sorted(valid)) or '(none)'}"
-        )
 
 
 def _as_jax_state(z0: Any) -> Any:

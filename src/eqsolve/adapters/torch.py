@@ -44,8 +44,6 @@ Inexact, biased gradients (cheaper; documented as such):
 
 from __future__ import annotations
 
-import inspect
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,7 +54,14 @@ from torch import nn
 
 from ..api import solve as _fixed_point
 from ..backends.torch import BACKEND
-from ..core.adjoint import FIXED_POINT_METHODS, AdjointInfo, adjoint_solve, default_adjoint_tol
+from ..core.adjoint import (
+    AdjointInfo,
+    adjoint_solve,
+    check_backward_limits,
+    check_backward_options,
+    check_phantom,
+    default_adjoint_tol,
+)
 from ..core.solution import ConvergenceError, ConvergenceWarning, Solution, Status
 from ..core.solver_base import FixedPointSolver, make_solver
 from ..core.structure import Structure, structure_of
@@ -137,74 +142,21 @@ def _backward_settings(
     if backward == "jfb":
         return _Backward("jfb", on_failure=on_failure)
     if is_phantom:
-        steps = _PHANTOM_STEPS if phantom_steps is None else phantom_steps
-        damping = _PHANTOM_DAMPING if phantom_damping is None else phantom_damping
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise TypeError(f"phantom_steps must be an int, got {type(steps).__name__}")
-        if steps < 1:
-            raise ValueError(f"phantom_steps must be >= 1, got {steps}")
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-            raise TypeError(f"phantom_damping must be a real number, got {type(damping).__name__}")
-        if not (0.0 < damping <= 1.0):
-            raise ValueError(f"phantom_damping must be in (0, 1], got {damping!r}")
-        return _Backward("phantom", steps=steps, damping=float(damping), on_failure=on_failure)
+        steps, damping = check_phantom(
+            _PHANTOM_STEPS if phantom_steps is None else phantom_steps,
+            _PHANTOM_DAMPING if phantom_damping is None else phantom_damping,
+        )
+        return _Backward("phantom", steps=steps, damping=damping, on_failure=on_failure)
 
-    # implicit (adjoint) methods
-    if backward_tol is not None:
-        if isinstance(backward_tol, bool) or not isinstance(backward_tol, (int, float)):
-            raise TypeError(
-                f"backward_tol must be a Python float, got {type(backward_tol).__name__}"
-            )
-        if not math.isfinite(backward_tol) or backward_tol <= 0:
-            raise ValueError(f"backward_tol must be finite and > 0, got {backward_tol!r}")
-    if backward_max_iter is not None:
-        if isinstance(backward_max_iter, bool) or not isinstance(backward_max_iter, int):
-            raise TypeError(
-                f"backward_max_iter must be an int, got {type(backward_max_iter).__name__}"
-            )
-        if backward_max_iter < 1:
-            raise ValueError(f"backward_max_iter must be >= 1, got {backward_max_iter}")
-    if backward_options is None:
-        options: dict[str, Any] = {}
-    elif isinstance(backward_options, Mapping):
-        options = dict(backward_options)
-    else:
-        raise TypeError(f"backward_options must be a dict, got {type(backward_options).__name__}")
-    # unknown option names fail now rather than inside loss.backward()
-    if isinstance(backward, FixedPointSolver):
-        make_solver(backward, options)
-    elif backward in FIXED_POINT_METHODS:
-        try:
-            make_solver(FIXED_POINT_METHODS[backward], options)
-        except TypeError as exc:
-            raise TypeError(f"backward_options for backward={backward!r}: {exc}") from None
-    elif backward == "gmres":
-        _check_gmres_options(options)
+    # implicit (adjoint) methods; unknown option names fail now rather than in loss.backward()
+    tol, max_iter = check_backward_limits(backward_tol, backward_max_iter)
     return _Backward(
         backward,
-        tol=None if backward_tol is None else float(backward_tol),
-        max_iter=backward_max_iter,
-        options=options,
+        tol=tol,
+        max_iter=max_iter,
+        options=check_backward_options(backward, backward_options),
         on_failure=on_failure,
     )
-
-
-def _check_gmres_options(options: Mapping[str, Any]) -> None:
-    """Unknown ``backward_options`` names for GMRES fail at the call, not in backward."""
-    try:
-        from ..core.gmres import gmres_solve
-    except ImportError:  # pragma: no cover - adjoint_solve reports the missing module
-        return
-    params = inspect.signature(gmres_solve).parameters
-    valid = {
-        name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    } - {"tol", "max_iter", "driver"}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise TypeError(
-            f"backward_options for backward='gmres': unknown option(s) "
-            f"{', '.join(map(repr, unknown))}; valid options: {', '.join(sorted(valid))}"
-        )
 
 
 def _leaves(tree: Any) -> list[Any]:

@@ -16,7 +16,10 @@ float32 cotangents cannot underflow the stopping rule or the Gram matrices.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from ._xp import scaled_norm
@@ -83,10 +86,29 @@ def adjoint_solve(
         solver = make_solver(FIXED_POINT_METHODS[method], options)
     else:
         solver = make_solver(method, options)
-    run = driver if driver is not None else python_driver(xp)
+    return solve_adjoint_loop(xp, vjp, g, solver, tol=tol, max_iter=max_iter, driver=driver)
 
-    # normalise the right-hand side per sample: the map is linear, so scale back after
-    norm = scaled_norm(xp, g)  # a float32 row of 1e-30 has a plain 2-norm of 0
+
+def solve_adjoint_loop(
+    xp: Any,
+    vjp: Callable[[Any], Any],
+    g: Any,
+    solver: FixedPointSolver,
+    *,
+    tol: float,
+    max_iter: int,
+    driver: Driver | None = None,
+    vjps_per_update: int = 1,
+) -> tuple[Any, AdjointInfo]:
+    """Run ``solver`` in the shared loop on ``h(u) = g + vjp(u)`` (every adjoint method).
+
+    The right-hand side is normalised per sample with a max-scaled norm (a float32 row of
+    1e-30 has a plain 2-norm of 0) and the solution scaled back: the map is linear.
+    ``info.iterations`` counts ``vjps_per_update`` VJPs per solver update (GMRES: the
+    Arnoldi steps of one restart cycle).
+    """
+    run = driver if driver is not None else python_driver(xp)
+    norm = scaled_norm(xp, g)
     scale = xp.where(norm > 0, norm, xp.ones_like(norm))
     g_unit = g / scale[:, None]
 
@@ -94,11 +116,86 @@ def adjoint_solve(
         return g_unit + vjp(u)
 
     state = run(h, g_unit, solver, StopRule(float(tol), 0.0, int(max_iter)))
-    u = state.best_z * scale[:, None]
     info = AdjointInfo(
-        iterations=state.iterations,
+        iterations=state.iterations * vjps_per_update,
         residual=state.best_res,
         converged=state.status == int(Status.CONVERGED),
         status=state.status,
     )
-    return u, info
+    return state.best_z * scale[:, None], info
+
+
+# --- argument checks shared by the framework adapters ------------------------------------
+# (errors name the adapter-level argument: backward_tol, backward_max_iter, backward_options,
+# phantom_steps, phantom_damping)
+
+
+def check_backward_limits(tol: Any, max_iter: Any) -> tuple[float | None, int | None]:
+    """``backward_tol`` (finite, > 0) and ``backward_max_iter`` (>= 1); ``None`` passes."""
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+            raise TypeError(f"backward_tol must be a real number or None, got {type(tol).__name__}")
+        if not math.isfinite(tol) or tol <= 0:
+            raise ValueError(f"backward_tol must be finite and > 0, got {tol!r}")
+        tol = float(tol)
+    if max_iter is not None:
+        if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
+            raise TypeError(
+                f"backward_max_iter must be an int or None, got {type(max_iter).__name__}"
+            )
+        if max_iter < 1:
+            raise ValueError(f"backward_max_iter must be >= 1, got {max_iter}")
+        max_iter = int(max_iter)
+    return tol, max_iter
+
+
+def check_backward_options(method: str | FixedPointSolver, options: Any) -> dict[str, Any]:
+    """``backward_options`` for an adjoint ``method``, checked now rather than in backward.
+
+    Unknown option names (and bad values) raise exactly as the solver that ``adjoint_solve``
+    would build raises them; GMRES options are checked against ``gmres_solve``'s keywords.
+    """
+    if options is None:
+        checked: dict[str, Any] = {}
+    elif isinstance(options, Mapping):
+        checked = dict(options)
+    else:
+        raise TypeError(f"backward_options must be a dict, got {type(options).__name__}")
+    if isinstance(method, FixedPointSolver):
+        make_solver(method, checked)  # options with a configured object raise
+    elif method in FIXED_POINT_METHODS:
+        try:
+            make_solver(FIXED_POINT_METHODS[method], checked)
+        except TypeError as exc:
+            raise TypeError(f"backward_options for backward={method!r}: {exc}") from None
+    elif method == "gmres":
+        from .gmres import gmres_solve
+
+        params = inspect.signature(gmres_solve).parameters
+        valid = {
+            name
+            for name, p in params.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            and name not in ("tol", "max_iter", "driver")
+        }
+        unknown = sorted(set(checked) - valid)
+        if unknown:
+            raise TypeError(
+                f"backward_options for backward='gmres': unknown option(s) "
+                f"{', '.join(map(repr, unknown))}; valid options: {', '.join(sorted(valid))}"
+            )
+    return checked
+
+
+def check_phantom(steps: Any, damping: Any) -> tuple[int, float]:
+    """Phantom gradient settings: ``steps >= 1`` damped steps with ``damping`` in (0, 1]."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"phantom_steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"phantom_steps must be >= 1, got {steps}")
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+        raise TypeError(f"phantom_damping must be a real number, got {type(damping).__name__}")
+    lam = float(damping)
+    if not (math.isfinite(lam) and 0.0 < lam <= 1.0):
+        raise ValueError(f"phantom_damping must be in (0, 1], got {damping!r}")
+    return int(steps), lam

@@ -66,9 +66,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._xp import device_of, scaled_norm
-from .driver import python_driver
-from .loop import StopRule
-from .solution import Status
 from .solver_base import FixedPointSolver, check_positive
 
 if TYPE_CHECKING:
@@ -204,29 +201,20 @@ def gmres_solve(
         ``info.status`` (:class:`~eqsolve.core.solution.Status`; ``NONFINITE`` when the
         VJP gave NaN/inf for that sample).
     """
-    from .adjoint import AdjointInfo  # adjoint imports this module lazily: no cycle
+    from .adjoint import solve_adjoint_loop  # adjoint imports this module lazily: no cycle
 
     check_positive("restart", restart, integer=True)
     check_positive("max_iter", max_iter, integer=True)
     if g.ndim != 2:
         raise ValueError(f"gmres_solve expects a (B, n) right-hand side, got shape {g.shape}")
     m = min(int(restart), int(g.shape[1]))
-    run = driver if driver is not None else python_driver(xp)
-
-    # normalise per sample (robust norm: no underflow of tiny float32 cotangents)
-    norm = scaled_norm(xp, g)
-    scale = xp.where(norm > 0, norm, xp.ones_like(norm))
-    g_unit = g / scale[:, None]
-
-    def h(u: Any) -> Any:
-        return g_unit + vjp(u)
-
-    state = run(h, g_unit, GmresCycle(vjp, m), StopRule(float(tol), 0.0, int(max_iter)))
-    u = state.best_z * scale[:, None]
-    info = AdjointInfo(
-        iterations=state.iterations * m,
-        residual=state.best_res,
-        converged=state.status == int(Status.CONVERGED),
-        status=state.status,
+    return solve_adjoint_loop(
+        xp,
+        vjp,
+        g,
+        GmresCycle(vjp, m),
+        tol=tol,
+        max_iter=max_iter,
+        driver=driver,
+        vjps_per_update=m,
     )
-    return u, info
