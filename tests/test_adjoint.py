@@ -340,6 +340,18 @@ def test_gmres_under_jit():
 # --- one code path with the forward solvers ----------------------------------------------
 
 
+def _count_shared_loop_steps(monkeypatch, calls: dict) -> None:
+    """Count the eager driver's steps (general and all-active ones) in ``calls["loop_step"]``."""
+    for name in ("loop_step", "loop_step_all_active"):
+        step = getattr(eqsolve.core.driver, name)
+
+        def counting(*args, _step=step, **kwargs):
+            calls["loop_step"] += 1
+            return _step(*args, **kwargs)
+
+        monkeypatch.setattr(eqsolve.core.driver, name, counting)
+
+
 @pytest.mark.parametrize(
     "method, cls",
     [
@@ -350,18 +362,14 @@ def test_gmres_under_jit():
 )
 def test_fixed_point_methods_reuse_forward_solvers(monkeypatch, method, cls):
     calls = {"propose": 0, "loop_step": 0}
-    propose, loop_step = cls.propose, eqsolve.core.driver.loop_step
+    propose = cls.propose
+    _count_shared_loop_steps(monkeypatch, calls)
 
     def counting_propose(self, *args, **kwargs):
         calls["propose"] += 1
         return propose(self, *args, **kwargs)
 
-    def counting_loop_step(*args, **kwargs):
-        calls["loop_step"] += 1
-        return loop_step(*args, **kwargs)
-
     monkeypatch.setattr(cls, "propose", counting_propose)
-    monkeypatch.setattr(eqsolve.core.driver, "loop_step", counting_loop_step)
     xp, vjp, g, ref = setup("numpy", ALL)
     u, info = adjoint_solve(xp, vjp, g, method=method, tol=1e-12, max_iter=500)
     n_iter = int(np.max(info.iterations))
@@ -372,13 +380,7 @@ def test_fixed_point_methods_reuse_forward_solvers(monkeypatch, method, cls):
 
 def test_gmres_cycles_run_in_the_shared_loop(monkeypatch):
     calls = {"loop_step": 0}
-    loop_step = eqsolve.core.driver.loop_step
-
-    def counting_loop_step(*args, **kwargs):
-        calls["loop_step"] += 1
-        return loop_step(*args, **kwargs)
-
-    monkeypatch.setattr(eqsolve.core.driver, "loop_step", counting_loop_step)
+    _count_shared_loop_steps(monkeypatch, calls)
     xp, vjp, g, ref = setup("numpy", ALL)
     u, info = adjoint_solve(xp, vjp, g, method="gmres", tol=1e-12, max_iter=100, restart=4)
     assert calls["loop_step"] == int(np.max(info.iterations)) // 4 >= 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .loop import LoopState, StopRule, loop_init, loop_step
+from .loop import LoopState, StopRule, loop_init, loop_step, loop_step_all_active
 from .solver_base import FixedPointSolver
 
 
@@ -26,11 +26,19 @@ def run_python_loop(
 ) -> LoopState:
     """Iterate ``loop_step`` while some sample is active and ``k < max_iter``.
 
-    Reading ``any(active)`` is one host sync per iteration, which is free on the CPU.
+    Reading ``any(active)`` is one host sync per iteration, which is free on the CPU. While
+    every sample is active, :func:`loop_step_all_active` takes the step: the same result
+    without the per-sample selections.
     """
     state = loop_init(xp, f, z0, solver, rule)
-    while state.k < rule.max_iter and bool(xp.any(state.active)):
-        state = loop_step(xp, f, state, solver, rule)
+    all_active = bool(xp.all(state.active))
+    while state.k < rule.max_iter:
+        if all_active:
+            state, all_active = loop_step_all_active(xp, f, state, solver, rule)
+        elif bool(xp.any(state.active)):
+            state = loop_step(xp, f, state, solver, rule)
+        else:
+            break
     return state
 
 

@@ -52,12 +52,21 @@ class LoopState(NamedTuple):
     solver: Any  # the solver's own NamedTuple state
 
 
+def _row_norm(xp: Any, a: Any) -> Any:
+    """Per-row 2-norm ``sqrt(<a_b, a_b>)`` of a ``(B, n)`` array (no rescaling).
+
+    ``vecdot`` rather than ``linalg.vector_norm``: on NumPy it is 3x cheaper per call, and
+    both the eager fast path and the general step use this one formula, so they round alike.
+    """
+    return xp.sqrt(xp.vecdot(a, a))
+
+
 def _measure(xp: Any, z: Any, fz: Any, rule: StopRule) -> tuple[Any, Any, Any, Any]:
     """Residual ``g``, relative residual, converged flags and finiteness flags."""
     g = fz - z
-    g_norm = xp.linalg.vector_norm(g, axis=1)
-    f_norm = xp.linalg.vector_norm(fz, axis=1)
-    tiny = float(xp.finfo(z.dtype).smallest_normal)
+    g_norm = _row_norm(xp, g)
+    f_norm = _row_norm(xp, fz)
+    tiny = _limits(xp, z.dtype)[0]
     finite = xp.isfinite(g_norm) & xp.isfinite(f_norm)
     # divide finite values only (inf/inf would warn on NumPy); non-finite samples get NaN
     safe_f = xp.where(finite, f_norm, xp.ones_like(f_norm))
@@ -94,14 +103,17 @@ def loop_init(
     )
 
 
-def loop_step(
-    xp: Any, f: Callable[[Any], Any], state: LoopState, solver: FixedPointSolver, rule: StopRule
-) -> LoopState:
-    """One iteration: propose, evaluate ``f`` once, record, test, update best."""
-    active = state.active
+def propose_point(xp: Any, state: LoopState, solver: FixedPointSolver) -> Any:
+    """The next point to evaluate: the solver's proposal, stopped samples parked at best."""
     proposal = solver.propose(xp, state.solver, state.z, state.g, state.k)
-    z = xp.where(active[:, None], proposal, state.best_z)  # park stopped samples
-    fz = f(z)
+    return xp.where(state.active[:, None], proposal, state.best_z)
+
+
+def record(
+    xp: Any, state: LoopState, solver: FixedPointSolver, rule: StopRule, z: Any, fz: Any
+) -> LoopState:
+    """Record the evaluation ``fz = f(z)``: test, update best, statuses and solver history."""
+    active = state.active
     g, rel, converged, finite = _measure(xp, z, fz, rule)
 
     improved = active & (rel < state.best_res)
@@ -131,3 +143,72 @@ def loop_step(
         k=state.k + 1,
         solver=solver.update(xp, state.solver, state.z, state.g, z_rec, g_rec, state.k),
     )
+
+
+def loop_step(
+    xp: Any, f: Callable[[Any], Any], state: LoopState, solver: FixedPointSolver, rule: StopRule
+) -> LoopState:
+    """One iteration: propose, evaluate ``f`` once, record, test, update best."""
+    z = propose_point(xp, state, solver)
+    return record(xp, state, solver, rule, z, f(z))
+
+
+def loop_step_all_active(
+    xp: Any, f: Callable[[Any], Any], state: LoopState, solver: FixedPointSolver, rule: StopRule
+) -> tuple[LoopState, bool]:
+    """:func:`loop_step` for eager backends while every sample is active.
+
+    Returns the new state and whether every sample is still active.
+
+    Same result, bit for bit, with the bookkeeping that only matters once a sample stops
+    skipped. The common step (every sample finite, none converged, every residual below its
+    best) needs no ``(B, n)`` selection at all: nothing is parked, the best iterate *is*
+    ``z``, and the solver records ``z`` and ``g`` as they are. One host read decides; any
+    other step goes through :func:`record`, reusing the same ``f(z)`` (``f`` is still
+    called once). On this project's ``tanh`` problem this cut the eager time outside ``f``
+    per step several-fold (see the benchmark); under JAX the general step is traced instead.
+    """
+    z = solver.propose(xp, state.solver, state.z, state.g, state.k)
+    fz = f(z)
+    g = fz - z
+    g_norm = _row_norm(xp, g)
+    f_norm = _row_norm(xp, fz)
+    # NaN/inf anywhere makes `ok` False (comparisons with NaN are False). Clipping g_norm
+    # keeps inf/inf (a NumPy warning) out of the division; it changes no finite value.
+    tiny, huge = _limits(xp, z.dtype)
+    rel = xp.minimum(g_norm, huge) / xp.maximum(f_norm, tiny)
+    ok = (
+        (g_norm > rule.tol * f_norm + rule.atol)
+        & (rel < state.best_res)
+        & xp.isfinite(f_norm)
+        & xp.isfinite(g_norm)
+    )
+    if not bool(xp.all(ok)):
+        new = record(xp, state, solver, rule, z, fz)
+        return new, bool(xp.all(new.active))
+    fast = LoopState(
+        z=z,
+        g=g,
+        best_z=z,
+        best_res=rel,
+        active=state.active,
+        status=state.status,
+        iterations=state.iterations + 1,
+        k=state.k + 1,
+        solver=solver.update(xp, state.solver, state.z, state.g, z, g, state.k),
+    )
+    return fast, True
+
+
+_LIMITS: dict[tuple[str, str, str], tuple[float, float]] = {}
+
+
+def _limits(xp: Any, dtype: Any) -> tuple[float, float]:
+    """``(finfo.smallest_normal, finfo.max)`` of ``dtype``, cached (``finfo`` is slow)."""
+    # keyed by strings: dtype objects of different libraries must never be compared
+    key = (type(dtype).__module__, type(dtype).__qualname__, str(dtype))
+    value = _LIMITS.get(key)
+    if value is None:
+        info = xp.finfo(dtype)
+        value = _LIMITS[key] = (float(info.smallest_normal), float(info.max))
+    return value
