@@ -27,6 +27,7 @@ def solve(
     batch_axis: int | None = 0,
     backend: str | None = None,
     on_failure: str = "warn",
+    sync_stop: Any = None,
     **solver_options: Any,
 ) -> Solution:
     """Find ``z`` with ``z = f(z)``, per sample along ``batch_axis`` (no gradients).
@@ -62,6 +63,13 @@ def solve(
             :class:`ConvergenceWarning`), ``"raise"`` (:class:`ConvergenceError`, holding
             the solution) or ``"ignore"``. Under ``jax.jit`` nothing is raised or warned:
             read ``Solution.status``.
+        sync_stop: stop several processes/devices at the same iteration, for an ``f`` that
+            contains a collective (each one calls ``f`` ``nfev`` times, the same number
+            everywhere; stopped samples stay frozen). ``None`` (default): each stops on its
+            own samples. PyTorch: ``True`` (the default ``torch.distributed`` group; no-op
+            when it is not initialised) or a ``torch.distributed.ProcessGroup``. JAX: the
+            name (or tuple of names) of an enclosing ``shard_map``/``pmap``/``vmap`` axis.
+            Other backends: unsupported (``ValueError``).
         **solver_options: hyperparameters of the named solver, e.g. ``m=5`` for Anderson;
             unknown names raise ``TypeError``.
 
@@ -119,7 +127,7 @@ def solve(
             checked = True
         return structure.flatten(xp, fz)
 
-    state = be.run(f_flat, structure.flatten(xp, z0_b), solver_obj, rule)
+    state = be.run(f_flat, structure.flatten(xp, z0_b), solver_obj, rule, sync_stop=sync_stop)
 
     per_sample = (lambda a: a) if batch_axis is not None else (lambda a: a[0])
     status = per_sample(state.status)

@@ -28,10 +28,27 @@ Inexact ("biased") backward modes, for training where an exact adjoint is not ne
   Neumann series truncated after its first term), ``dL/dtheta = g^T df/dtheta(z*)``.
 
 In every mode the returned value is ``z*`` itself; only the backward rule differs.
+
+Sharding (``sync_stop``). Under ``jit`` with a batch sharded over devices the solve is one
+SPMD loop: its continuation test reduces over the whole batch, so all devices stop together
+and each sample is frozen when it converges. Under ``jax.shard_map`` (or ``pmap``) every
+device runs its own loop on its own block of samples and stops when those have converged
+(per-device stopping, the default); ``sync_stop="batch"`` (the mapped axis name) reduces the
+"some sample is active" flag over that axis with ``lax.psum`` in the ``while_loop``
+condition, forward and in the adjoint solve, so all devices make the same number of
+iterations -- needed when ``f`` itself contains a collective over the axis. Gradients with
+respect to replicated parameters are summed over devices by ``shard_map``'s transpose, as for
+any other function.
+
+Mixed precision (``f_dtype``). ``f`` is evaluated with ``z`` and the floating leaves of
+``args`` cast to ``f_dtype`` (e.g. ``jnp.bfloat16``) and its output cast back to ``z0``'s
+dtype: the solver's iterates, residuals and the adjoint stay in float32, and the gradients
+of float32 ``args`` come back in float32 (the transpose of a cast is a cast).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +60,7 @@ import jax.numpy as jnp
 
 from ..api import report_failures
 from ..api import solve as _array_fixed_point
-from ..backends.jax import BACKEND
+from ..backends.jax import BACKEND, sync_axes
 from ..core.adjoint import (
     FIXED_POINT_METHODS,
     adjoint_solve,
@@ -95,6 +112,8 @@ def fixed_point(
     backward_on_failure: str = "warn",
     phantom_steps: int = 5,
     phantom_damping: float = 0.5,
+    sync_stop: str | tuple[str, ...] | None = None,
+    f_dtype: Any = None,
     **solver_options: Any,
 ) -> Solution:
     """Differentiable fixed point ``z* = f(z*, *args)`` for JAX (``jit``/``vmap``/``grad``).
@@ -137,6 +156,18 @@ def fixed_point(
             cannot be used silently) or ``"ignore"`` (best iterate, as is).
         phantom_steps: ``k``, the number of unrolled steps of ``"phantom"`` (>= 1).
         phantom_damping: ``lam`` in ``(0, 1]`` for ``"phantom"``.
+        sync_stop: ``None`` (default): under ``jax.shard_map``/``pmap`` each device stops
+            when its own samples have converged. An axis name (or tuple of names) of the
+            enclosing ``shard_map`` mesh / ``pmap`` / ``vmap``: the ``while_loop`` condition
+            is ``lax.psum``-reduced over it, so every device makes the same number of
+            forward and adjoint iterations (needed when ``f`` contains a collective over
+            that axis). Under plain ``jit`` with a sharded batch the stop is global already.
+        f_dtype: a lower-precision floating dtype (e.g. ``jnp.bfloat16``) to evaluate ``f``
+            in: ``z`` and the floating leaves of ``args`` are cast to it, the output back to
+            ``z0``'s dtype. Arrays that ``f`` closes over are not cast (pass them in
+            ``args`` to include them). Choose ``tol`` above the precision of ``f``: a
+            relative residual of a few units of roundoff of ``f_dtype`` (bfloat16 ``2**-8``,
+            float16 ``2**-11``) is the floor, e.g. ``tol=1e-2`` for bfloat16.
 
     Returns:
         A :class:`eqsolve.Solution`. ``value`` is differentiable (reverse mode). The other
@@ -168,6 +199,8 @@ def fixed_point(
         backward, backward_tol, backward_max_iter, backward_options, backward_on_failure,
         phantom_steps, phantom_damping, max_iter,
     )
+    sync_axes(sync_stop)  # validates; the reduction is traced inside the loop
+    run = functools.partial(BACKEND.run, sync_stop=sync_stop)
 
     z0 = _as_jax_state(z0)
     leaves = list(z0) if isinstance(z0, (tuple, list)) else [z0]
@@ -176,6 +209,8 @@ def fixed_point(
     ]
     check_state_arrays(jnp, leaves, names)
     structure = structure_of(z0, batch_axis)
+    if f_dtype is not None:
+        f = _precision_policy(f, _check_f_dtype(f_dtype, leaves[0].dtype), leaves[0].dtype)
     try:
         conv_f, consts = jax.closure_convert(f, z0, *args)
     except TypeError as exc:
@@ -191,7 +226,8 @@ def fixed_point(
     def forward(z_init: Any, p: Any) -> tuple[Any, ...]:
         sol = _array_fixed_point(
             lambda z: f_params(z, p), z_init, solver=solver, tol=tol, atol=atol,
-            max_iter=max_iter, batch_axis=batch_axis, on_failure="ignore", **solver_options,
+            max_iter=max_iter, batch_axis=batch_axis, on_failure="ignore", sync_stop=sync_stop,
+            **solver_options,
         )
         return sol.value, sol.residual, sol.status, sol.iterations, jnp.asarray(sol.nfev)
 
@@ -206,7 +242,7 @@ def fixed_point(
     def solve_bwd(res: tuple[Any, Any], cts: tuple[Any, ...]) -> tuple[Any, Any]:
         z_star, p = res
         g = structure.flatten(jnp, cts[0])
-        p_ct = _backward(cfg, structure, f_params, z_star, p, g, tol)
+        p_ct = _backward(cfg, structure, f_params, z_star, p, g, tol, run)
         z0_ct = jax.tree_util.tree_map(jnp.zeros_like, z0)
         return z0_ct, p_ct
 
@@ -234,8 +270,12 @@ def _backward(
     params: Any,
     g: Any,
     forward_tol: float,
+    run: Any = None,
 ) -> Any:
-    """Cotangent of ``params`` for the cotangent ``g`` (``(B, n)``) on ``z*`` (``(B, n)``)."""
+    """Cotangent of ``params`` for the cotangent ``g`` (``(B, n)``) on ``z*`` (``(B, n)``).
+
+    ``run`` drives the adjoint loop (``BACKEND.run`` with the call's ``sync_stop``).
+    """
 
     def f_flat(zf: Any, p: Any) -> Any:
         return structure.flatten(jnp, f_params(structure.unflatten(jnp, zf), p))
@@ -258,7 +298,7 @@ def _backward(
     tol = cfg.tol if cfg.tol is not None else default_adjoint_tol(forward_tol, eps)
     u, info = adjoint_solve(
         jnp, lambda v: vjp_z(v)[0], g, method=method, tol=tol, max_iter=cfg.max_iter,
-        driver=BACKEND.run, **cfg.options,
+        driver=BACKEND.run if run is None else run, **cfg.options,
     )
     failed = ~info.converged
     if cfg.on_failure == "nan":
@@ -334,6 +374,49 @@ def _check_backward(
         options=backward_options, on_failure=backward_on_failure,
         phantom_steps=phantom_steps, phantom_damping=phantom_damping,
     )
+
+
+def _check_f_dtype(f_dtype: Any, state_dtype: Any) -> Any:
+    """``f_dtype``: a real floating dtype of lower precision than the state's."""
+    try:
+        dt = jnp.dtype(f_dtype)
+    except TypeError:
+        raise TypeError(
+            f"f_dtype must be None or a floating dtype such as jnp.bfloat16, got {f_dtype!r}"
+        ) from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"f_dtype must be a real floating dtype (e.g. jnp.bfloat16), got {dt}")
+    if jnp.finfo(dt).bits >= jnp.finfo(state_dtype).bits:
+        raise ValueError(
+            f"f_dtype={dt} is not a lower precision than the state's dtype {state_dtype}; "
+            "f_dtype evaluates f in e.g. bfloat16 for a float32 state"
+        )
+    return dt
+
+
+def _precision_policy(f: Callable[..., Any], f_dtype: Any, state_dtype: Any) -> Callable[..., Any]:
+    """``f`` computing in ``f_dtype``: cast ``z`` and floating ``args`` down, the output up.
+
+    The casts are ordinary (differentiable) ``astype`` calls: cotangents flow back through
+    them in the caller's dtypes.
+    """
+
+    def down(x: Any) -> Any:
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.asarray(x).astype(f_dtype)
+        return x
+
+    def up(x: Any) -> Any:
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.asarray(x).astype(state_dtype)
+        return x
+
+    def f_low(z: Any, *args: Any) -> Any:
+        low_z = jax.tree_util.tree_map(down, z)
+        low_args = jax.tree_util.tree_map(down, args)
+        return jax.tree_util.tree_map(up, f(low_z, *low_args))
+
+    return f_low
 
 
 def _as_jax_state(z0: Any) -> Any:

@@ -32,6 +32,24 @@ receive exactly one gradient, in the user's own backward pass, which is what
 Memory held for backward is the graph of one call of ``f`` (phantom: ``k`` calls), whatever
 the number of forward iterations.
 
+Distributed training (``DistributedDataParallel``, default settings). Every parameter that
+``f`` uses receives exactly one gradient, in the user's backward pass, and the DDP forward
+makes no differentiable call of the wrapped module other than the one ``f(z*)``: the graph
+DDP's reducer sees is that of a single layer, so ``find_unused_parameters`` is not needed
+(tested with 2 gloo processes). When ``f`` itself contains a collective
+(``SyncBatchNorm``, an explicit ``all_reduce``), pass ``sync_stop=True`` (or a process
+group): every rank then runs the same number of forward iterations *and* of adjoint
+iterations (the VJP of a collective is a collective too), deciding each step by an
+all-reduce of "some sample of mine is still active". Without it a rank that converges first
+leaves the others waiting inside ``f``'s collective.
+
+Mixed precision (``f_dtype`` or an enclosing ``torch.autocast`` region). ``f`` runs under
+``torch.autocast`` and its output is cast back to the state's dtype, so the solver's
+iterates, residuals and history, the adjoint solve and the gradients stay in float32
+(float64); the solver's own arithmetic runs with autocast disabled. A bfloat16/float16
+output of ``f`` outside autocast is a ``TypeError`` that names ``f_dtype`` (a silent cast
+would hide an ``f`` that accidentally computes in low precision).
+
 Inexact, biased gradients (cheaper; documented as such):
 
 * ``backward="phantom"``: ``k`` damped unrolled steps from the detached ``z*``,
@@ -44,6 +62,7 @@ Inexact, biased gradients (cheaper; documented as such):
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,7 +72,7 @@ import torch
 from torch import nn
 
 from ..api import solve as _fixed_point
-from ..backends.torch import BACKEND
+from ..backends.torch import BACKEND, autocast_dtype, check_sync_stop
 from ..core.adjoint import (
     AdjointInfo,
     adjoint_solve,
@@ -183,12 +202,14 @@ class _AdjointLink:
         settings: _Backward,
         forward_tol: float,
         on_backward: Callable[[AdjointInfo], None] | None,
+        sync_stop: Any = False,
     ):
         self.out_flat = out_flat
         self.z_leaf = z_leaf
         self.settings = settings
         self.forward_tol = forward_tol
         self.on_backward = on_backward
+        self.sync_stop = sync_stop
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
         s = self.settings
@@ -215,9 +236,12 @@ class _AdjointLink:
             return gz
 
         assert s.method is not None
+        # with sync_stop every rank runs the same number of adjoint iterations: the VJP of an
+        # f that contains a collective is itself collective
+        driver = functools.partial(BACKEND.run, sync_stop=self.sync_stop)
         u, info = adjoint_solve(
             BACKEND.xp, vjp, g.contiguous(), method=s.method, tol=tol, max_iter=max_iter,
-            driver=BACKEND.run, **dict(s.options),
+            driver=driver, **dict(s.options),
         )
         if unused:
             warnings.warn(
@@ -271,6 +295,89 @@ def _report_adjoint_failures(
     warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
 
+#: dtypes ``f_dtype`` accepts (what ``torch.autocast`` supports as a lower precision)
+F_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+
+
+def _check_f_dtype(f_dtype: Any) -> torch.dtype | None:
+    """``f_dtype``: ``None`` or one of :data:`F_DTYPES`."""
+    if f_dtype is None:
+        return None
+    if not isinstance(f_dtype, torch.dtype):
+        raise TypeError(
+            f"f_dtype must be None, torch.bfloat16 or torch.float16, got {type(f_dtype).__name__}"
+        )
+    if f_dtype not in F_DTYPES:
+        raise ValueError(
+            f"f_dtype must be None, torch.bfloat16 or torch.float16 (the lower precisions "
+            f"torch.autocast runs f in), got {f_dtype}"
+        )
+    return f_dtype
+
+
+def _precision_f(
+    f: Callable[[Any], Any], state_dtype: torch.dtype, f_dtype: torch.dtype | None,
+    device_type: str,
+) -> Callable[[Any], Any]:
+    """``f`` as the solver calls it: in the precision policy of the call.
+
+    With ``f_dtype`` (or inside an enclosing ``torch.autocast`` region on the state's
+    device) ``f`` runs under autocast and every floating tensor it returns is cast back to
+    ``state_dtype`` (a differentiable cast: gradients come back in ``state_dtype`` too).
+    Otherwise ``f`` is called as it is, and a bfloat16/float16 first output for a state of
+    another dtype raises a ``TypeError`` that says how to opt in (other dtype mismatches get
+    the generic error of :func:`eqsolve.solve`).
+    """
+    if f_dtype is not None and state_dtype.is_floating_point:
+        if torch.finfo(f_dtype).bits >= torch.finfo(state_dtype).bits:
+            raise ValueError(
+                f"f_dtype={f_dtype} is not a lower precision than the state's dtype "
+                f"{state_dtype}; f_dtype evaluates f in bfloat16/float16 for a float32 or "
+                "float64 state"
+            )
+
+    def cast(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != state_dtype:
+            return t.to(state_dtype)
+        return t
+
+    if f_dtype is not None:
+
+        def f_low(z: Any) -> Any:
+            with torch.autocast(device_type, dtype=f_dtype):
+                out = f(z)
+            return _tree_map(cast, out)
+
+        return f_low
+    if autocast_dtype(device_type) is not None:  # f runs under the caller's autocast
+
+        def f_autocast(z: Any) -> Any:
+            return _tree_map(cast, f(z))
+
+        return f_autocast
+
+    checked = False
+
+    def f_checked(z: Any) -> Any:
+        nonlocal checked
+        out = f(z)
+        if not checked:  # the first call is f(z0)
+            checked = True
+            leaves = _leaves(out)
+            for i, t in enumerate(leaves):
+                if isinstance(t, torch.Tensor) and t.dtype in F_DTYPES and t.dtype != state_dtype:
+                    where = "f(z0)" if not isinstance(out, (tuple, list)) else f"f(z0)[{i}]"
+                    raise TypeError(
+                        f"{where} has dtype {t.dtype} but z0 has dtype {state_dtype}. To "
+                        f"evaluate f in lower precision pass f_dtype={t.dtype} (f then runs "
+                        "under torch.autocast and its output is cast back to the state's "
+                        "dtype), call it inside torch.autocast, or cast f's output yourself"
+                    )
+        return out
+
+    return f_checked
+
+
 class _ImplicitAdjoint(torch.autograd.Function):
     """Identity on ``f(z*)`` (flattened); backward solves ``u = g + J_f(z*)^T u``."""
 
@@ -308,6 +415,8 @@ def fixed_point(
     phantom_damping: float | None = None,
     on_failure: str = "warn",
     on_backward: Callable[[AdjointInfo], None] | None = None,
+    sync_stop: Any = False,
+    f_dtype: torch.dtype | None = None,
     **solver_options: Any,
 ) -> Solution:
     """Differentiable fixed point ``z* = f(z*)`` of a PyTorch function.
@@ -352,6 +461,24 @@ def fixed_point(
         on_backward: called with the adjoint's :class:`~eqsolve.core.adjoint.AdjointInfo`
             (per-sample iterations, residual, converged, status) after each implicit
             backward, e.g. to log it.
+        sync_stop: for an ``f`` containing a collective (``SyncBatchNorm``, an
+            ``all_reduce``) under ``torch.distributed``: ``True`` synchronises the stop over
+            the default process group, a ``torch.distributed.ProcessGroup`` over that group.
+            Every rank then makes the same number of forward iterations (one all-reduce of
+            the "some sample still active" flag per iteration; stopped samples stay frozen,
+            so each sample's result is unchanged) and of adjoint iterations in backward.
+            ``False`` (default): each rank stops on its own samples, which is right for
+            ``DistributedDataParallel`` with collective-free cells (DDP's own all-reduce
+            happens after backward). ``True`` without an initialised process group is a
+            no-op. Every rank must pass the same ``max_iter``/``backward_max_iter``.
+        f_dtype: ``torch.bfloat16`` or ``torch.float16``: evaluate ``f`` under
+            ``torch.autocast(device_type, dtype=f_dtype)`` (forward iterations, the
+            differentiable call and phantom steps) and cast its output back to ``z0``'s
+            dtype, so the solver state, residuals, adjoint and gradients stay float32/64.
+            Inside an enclosing ``torch.autocast`` region this happens with its dtype
+            without the argument. Choose ``tol`` above the precision of ``f``: a relative
+            residual below a few units of roundoff of ``f_dtype`` (bfloat16 ``2**-8``,
+            float16 ``2**-11``) is not reachable, e.g. ``tol=1e-2`` for bfloat16.
 
     Returns:
         A :class:`eqsolve.Solution`. With grad mode on and ``backward`` not ``None``,
@@ -380,6 +507,8 @@ def fixed_point(
         backward, backward_tol, backward_max_iter, backward_options, phantom_steps,
         phantom_damping, on_failure,
     )
+    check_sync_stop(sync_stop)
+    f_dtype = _check_f_dtype(f_dtype)
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     for i, leaf in enumerate(_leaves(z0)):
@@ -390,9 +519,13 @@ def fixed_point(
                 f"{type(leaf).__name__} (use eqsolve.fixed_point for other array libraries)"
             )
     z0_detached = _tree_map(lambda t: t.detach(), z0)
+    first = _leaves(z0)[0] if _leaves(z0) else None
+    if first is not None:
+        f = _precision_f(f, first.dtype, f_dtype, first.device.type)
     sol = _fixed_point(
         f, z0_detached, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
-        batch_axis=batch_axis, backend="torch", on_failure=on_failure, **solver_options,
+        batch_axis=batch_axis, backend="torch", on_failure=on_failure, sync_stop=sync_stop,
+        **solver_options,
     )
     if settings.method is None or not torch.is_grad_enabled():
         return sol
@@ -418,7 +551,7 @@ def fixed_point(
             ".data, go through NumPy, or run under torch.no_grad()?). Pass backward=None "
             "if no gradient is wanted."
         )
-    link = _AdjointLink(out_flat, z_leaf, settings, float(tol), on_backward)
+    link = _AdjointLink(out_flat, z_leaf, settings, float(tol), on_backward, sync_stop)
     value = structure.unflatten(xp, _ImplicitAdjoint.apply(out_flat, link))
     return sol._replace(value=value, nfev=sol.nfev + 1)
 
@@ -437,6 +570,11 @@ class DEQ(nn.Module):
     ``torch.no_grad()`` for graph-free inference, which also skips the extra call of ``f``).
 
     Args: the keyword arguments of :func:`fixed_point` (validated here, at construction).
+
+    Distributed / mixed precision: the layer works inside ``DistributedDataParallel`` with
+    default settings; pass ``sync_stop=True`` when the cell contains a collective
+    (``SyncBatchNorm``) and ``f_dtype=torch.bfloat16`` (or run the model under
+    ``torch.autocast``) to evaluate the cell in low precision with a float32 solver.
 
     Attributes:
         last_solution: the :class:`eqsolve.Solution` of the latest forward call, with its
@@ -463,6 +601,8 @@ class DEQ(nn.Module):
         phantom_steps: int | None = None,
         phantom_damping: float | None = None,
         on_failure: str = "warn",
+        sync_stop: Any = False,
+        f_dtype: torch.dtype | None = None,
         **solver_options: Any,
     ):
         super().__init__()
@@ -473,12 +613,15 @@ class DEQ(nn.Module):
             backward, backward_tol, backward_max_iter, backward_options, phantom_steps,
             phantom_damping, on_failure,
         )
+        check_sync_stop(sync_stop)
+        _check_f_dtype(f_dtype)
         make_solver(solver, dict(solver_options))
         self.options: dict[str, Any] = dict(
             solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
             backward=backward, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
             backward_options=backward_options, phantom_steps=phantom_steps,
-            phantom_damping=phantom_damping, on_failure=on_failure, **solver_options,
+            phantom_damping=phantom_damping, on_failure=on_failure, sync_stop=sync_stop,
+            f_dtype=f_dtype, **solver_options,
         )
         self.last_solution = None
         self.last_adjoint_info = None
@@ -493,5 +636,8 @@ class DEQ(nn.Module):
         return sol.value
 
     def extra_repr(self) -> str:
-        shown = {k: v for k, v in self.options.items() if v is not None}
+        shown = {
+            k: v for k, v in self.options.items()
+            if v is not None and not (k == "sync_stop" and v is False)
+        }
         return ", ".join(f"{k}={v!r}" for k, v in shown.items())

@@ -6,8 +6,10 @@ Each backend module (``numpy``, ``torch``, ``jax``, ``cupy``, ``array_api_strict
 * ``name``: the backend's name;
 * ``xp``: its Array-API namespace (through array_api_compat);
 * ``convert(x)``: an array of another library -> this backend's array (DLPack where possible);
-* ``run(f, z0, solver, rule)``: drive ``core.loop`` to the end and return the final
-  ``LoopState`` (a Python loop eagerly, ``lax.while_loop`` under JAX);
+* ``run(f, z0, solver, rule, sync_stop=None)``: drive ``core.loop`` to the end and return
+  the final ``LoopState`` (a Python loop eagerly, ``lax.while_loop`` under JAX);
+  ``sync_stop`` makes several processes/devices stop together (torch: ``True`` or a
+  ``torch.distributed`` process group; jax: mapped axis name(s); elsewhere unsupported);
 * ``is_traced(x)``: whether ``x`` is an abstract value under a JAX transformation (no host
   reads, no warnings then).
 
@@ -41,7 +43,9 @@ class Backend(Protocol):
 
     def convert(self, x: Any) -> Any: ...
 
-    def run(self, f: Callable[[Any], Any], z0: Any, solver: Any, rule: Any) -> Any: ...
+    def run(
+        self, f: Callable[[Any], Any], z0: Any, solver: Any, rule: Any, sync_stop: Any = None
+    ) -> Any: ...
 
     def is_traced(self, x: Any) -> bool: ...
 

@@ -3,11 +3,19 @@
 No host synchronisation happens inside the loop; the continuation test is traced. Reverse
 mode through ``lax.while_loop`` is not defined: gradients of a solve come from the implicit
 function theorem (a ``custom_vjp`` adapter), never from differentiating the loop.
+
+Sharding. Under ``jit`` with a sharded batch the loop is one SPMD program: ``any(active)``
+over the sharded flags is a global reduction (XLA inserts it), so every device runs the same
+number of iterations and stopped samples are frozen. Under ``jax.shard_map`` (or ``pmap``)
+each device runs its own loop on its own samples and stops on its own ("per-device
+stopping"); ``run(..., sync_stop=axis_name)`` reduces the continuation test over the named
+mapped axis (``lax.psum``), so all devices stop together ("global stopping"), which a map
+``f`` containing a collective over that axis (``lax.psum``, ``lax.pmean``) requires.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
@@ -15,6 +23,51 @@ import jax.numpy as jnp
 
 from ..core.loop import LoopState, StopRule, loop_init, loop_step
 from ..core.solver_base import FixedPointSolver
+
+
+def sync_axes(sync_stop: Any) -> tuple[Hashable, ...]:
+    """``sync_stop`` as a tuple of axis names (``()``: per-device stopping).
+
+    Accepts ``None``/``False`` (no synchronisation), one axis name (a string, as given to
+    ``jax.shard_map``'s mesh, ``pmap(axis_name=)`` or ``vmap(axis_name=)``) or a tuple/list
+    of names (e.g. ``("data", "model")``).
+    """
+    if sync_stop is None or sync_stop is False:
+        return ()
+    names = tuple(sync_stop) if isinstance(sync_stop, (tuple, list)) else (sync_stop,)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(
+                "sync_stop must be None (per-device stopping), an axis name (str) of an "
+                "enclosing jax.shard_map / pmap / vmap, or a tuple of such names; got "
+                f"{sync_stop!r}"
+            )
+    if not names:
+        raise ValueError("sync_stop=() names no axis; pass None for per-device stopping")
+    return names
+
+
+def _check_bound(names: tuple[Hashable, ...]) -> None:
+    """A clear error when an axis of ``sync_stop`` is not bound where the solve runs."""
+    for name in names:
+        try:
+            jax.lax.axis_size(name)
+        except NameError:
+            raise ValueError(
+                f"sync_stop={name!r}: no enclosing mapped axis of that name. Call the solve "
+                f"inside jax.shard_map over a mesh with an axis {name!r} (or pmap/vmap with "
+                f"axis_name={name!r}); under plain jit with a sharded batch the stop is "
+                "already global, so leave sync_stop=None there"
+            ) from None
+
+
+def _varying_axes(x: Any) -> frozenset[Any]:
+    """Mesh axes along which ``x`` varies under ``shard_map`` (empty elsewhere)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+    if mat is not None:
+        return frozenset(getattr(mat, "varying", ()))
+    return frozenset(getattr(aval, "vma", ()))  # jax 0.6 - 0.8; older: no such typing
 
 
 class JaxBackend:
@@ -34,13 +87,33 @@ class JaxBackend:
             return jnp.asarray(np.asarray(x))
 
     def run(
-        self, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
+        self,
+        f: Callable[[Any], Any],
+        z0: Any,
+        solver: FixedPointSolver,
+        rule: StopRule,
+        sync_stop: Any = None,
     ) -> LoopState:
+        """Run the loop under ``lax.while_loop``; ``sync_stop``: axis name(s) to stop over."""
+        axes = sync_axes(sync_stop)
+        if axes:
+            _check_bound(axes)
         state = loop_init(jnp, f, z0, solver, rule)
-        state = state._replace(k=jnp.asarray(0, dtype=jnp.int32))
+        k = jnp.asarray(0, dtype=jnp.int32)
+        # Under shard_map with per-device stopping the trip count differs between devices, so
+        # the counter (hence nfev) varies along every axis the flags vary along and that the
+        # test does not reduce over. Say so in its type: out_specs=P() for nfev then raises
+        # instead of silently returning device 0's count.
+        varying = tuple(sorted(_varying_axes(state.active) - set(axes), key=str))
+        if varying:
+            k = jax.lax.pcast(k, varying, to="varying")
+        state = state._replace(k=k)
 
         def keep_going(s: LoopState) -> Any:
-            return (s.k < rule.max_iter) & jnp.any(s.active)
+            some = jnp.any(s.active)
+            if axes:  # global stop: some sample on some device along `axes` is active
+                some = jax.lax.psum(some.astype(jnp.int32), axes) > 0
+            return (s.k < rule.max_iter) & some
 
         def body(s: LoopState) -> LoopState:
             return loop_step(jnp, f, s, solver, rule)

@@ -51,3 +51,33 @@ def python_driver(xp: Any) -> Driver:
         return run_python_loop(xp, f, z0, solver, rule)
 
     return drive
+
+
+def run_python_loop_synced(
+    xp: Any,
+    f: Callable[[Any], Any],
+    z0: Any,
+    solver: FixedPointSolver,
+    rule: StopRule,
+    any_active: Callable[[Any], bool],
+) -> LoopState:
+    """:func:`run_python_loop` where the "keep going" decision is shared by several processes.
+
+    ``any_active(active)`` reduces this process's ``(B,)`` flags to one ``bool`` that is the
+    same on every participating process (e.g. an all-reduce of ``any(active)`` over a
+    ``torch.distributed`` group). It is called exactly once per iteration, on every process,
+    so all of them call ``f`` the same number of times: ``1 + k`` with the same ``k``. That
+    is what a map ``f`` containing a collective (an all-reduce, SyncBatchNorm) needs; with
+    per-process stopping, a process that stops early would leave the others waiting in
+    ``f``'s collective forever.
+
+    A process whose samples have all stopped keeps stepping: ``loop_step`` parks stopped
+    samples at their best iterate and never changes their reported fields, so its results
+    are those of an unsynchronised solve; only the shared count ``k`` (and ``nfev``) grows.
+    ``rule.max_iter`` must be the same on every process (it is checked before
+    ``any_active``, so at ``k == max_iter`` no process reduces).
+    """
+    state = loop_init(xp, f, z0, solver, rule)
+    while state.k < rule.max_iter and any_active(state.active):
+        state = loop_step(xp, f, state, solver, rule)
+    return state
