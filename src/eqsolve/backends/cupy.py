@@ -1,4 +1,8 @@
-"""CuPy backend: the generic Array-API step under a Python loop on the GPU.
+"""CuPy backend: fused GPU kernels for the built-in solvers, the generic step otherwise.
+
+``run`` is :func:`eqsolve.adapters.cupy.run_cupy`: Picard, Anderson and Broyden run one fused
+kernel per iteration with a host synchronisation every few iterations; other solvers (and
+``eqsolve.cupy.options(fused=False)``) run the generic Array-API step under the Python loop.
 
 ``import cupy`` succeeds on machines without a GPU; device work then raises. This backend
 therefore checks ``cupy.cuda.is_available()`` when it is first asked for.
@@ -6,6 +10,7 @@ therefore checks ``cupy.cuda.is_available()`` when it is first asked for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat.cupy as xp
@@ -19,12 +24,28 @@ if not cupy.cuda.is_available():
     )
 
 
+from ..core.loop import LoopState, StopRule
+from ..core.solver_base import FixedPointSolver
 from ._eager import EagerBackend
 
 
 class CupyBackend(EagerBackend):
     name = "cupy"
     xp = xp
+
+    def run(
+        self,
+        f: Callable[[Any], Any],
+        z0: Any,
+        solver: FixedPointSolver,
+        rule: StopRule,
+        sync_stop: Any = None,
+    ) -> LoopState:
+        if self.stop_reducer(sync_stop) is not None:  # (raises: no process groups on CuPy)
+            return super().run(f, z0, solver, rule, sync_stop)
+        from ..adapters.cupy import run_cupy
+
+        return run_cupy(self.xp, f, z0, solver, rule)
 
     def convert(self, x: Any) -> Any:
         if isinstance(x, cupy.ndarray):
