@@ -203,12 +203,6 @@ def test_jit_with_sharded_batch(report):
     assert "batch" in r["value_sharding"]  # the solution stays sharded over the batch
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core solvers create their history buffers with xp.zeros (unsharded); under "
-    "Explicit mesh axes combining them with the batch-sharded state is a type error "
-    "(anderson.py init). Creating them from the state (zeros_like + broadcast_to) fixes it.",
-)
 def test_jit_with_explicitly_sharded_batch(report):
     r = report["jit_explicit"]
     assert "error" not in r, r.get("error")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import device
+import array_api_extra as xpx
+from array_api_compat import device, is_writeable_array
 
 
 def device_of(x: Any) -> Any:
@@ -24,3 +25,30 @@ def scaled_norm(xp: Any, x: Any) -> Any:
     s_safe = xp.where(ok, s, xp.ones_like(s))
     scaled = xp.linalg.vector_norm(x / s_safe[:, None], axis=1) * s_safe
     return xp.where(ok, scaled, s)
+
+
+def set_at(x: Any, index: Any, value: Any) -> Any:
+    """``x[index] = value``: in place where ``x`` is writeable, else functionally (JAX).
+
+    The solvers' ring buffers are their own (created by ``init``), so writing in place is
+    what ``array_api_extra.at(x)[index].set(value)`` does on NumPy/PyTorch/CuPy anyway;
+    calling ``__setitem__`` directly skips its dispatch (about 8 us per write on PyTorch,
+    four writes per Anderson step).
+    """
+    if is_writeable_array(x):
+        x[index] = value
+        return x
+    return xpx.at(x)[index].set(value)
+
+
+def batch_zeros(xp: Any, like: Any, tail: tuple[int, ...]) -> Any:
+    """Zeros of shape ``(B, *tail)``, built from ``like`` ``(B, n)``.
+
+    Deriving them from the state (rather than ``xp.zeros``) gives them the state's batch
+    layout: under ``jax.jit`` with a batch sharded over an Explicit mesh axis, an unsharded
+    ``xp.zeros`` history buffer cannot be combined with the sharded state. Elsewhere it is
+    the same array ``xp.zeros`` gives (a fresh, writeable one).
+    """
+    B = like.shape[0]
+    base = xp.reshape(xp.zeros_like(like[:, :1]), (B,) + (1,) * len(tail))
+    return base + xp.zeros(tail, dtype=like.dtype, device=device_of(like))

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import array_api_extra as xpx
 
-from ._xp import device_of
+from ._xp import batch_zeros, device_of
 from .solver_base import FixedPointSolver, check_positive, register
 
 
@@ -54,7 +54,7 @@ class Broyden(FixedPointSolver):
 
     def init(self, xp: Any, z: Any, g: Any) -> BroydenState:
         B, n = z.shape
-        U = xp.zeros((B, self.memory, n), dtype=z.dtype, device=device_of(z))
+        U = batch_zeros(xp, z, (self.memory, n))
         return BroydenState(U, xp.zeros_like(U), -g)
 
     def _terms(self, xp: Any, k: Any, dtype: Any, like: Any) -> Any:

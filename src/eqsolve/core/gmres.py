@@ -65,7 +65,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._xp import device_of, scaled_norm
+from ._xp import batch_zeros, device_of, scaled_norm
 from .solver_base import FixedPointSolver, check_positive
 
 if TYPE_CHECKING:
@@ -100,17 +100,17 @@ def gmres_cycle(xp: Any, vjp: Callable[[Any], Any], r: Any, m: int) -> Any:
     alive = (beta > 0) & xp.isfinite(beta)  # the current basis vector v_j is nonzero
     beta = xp.where(alive, beta, xp.zeros_like(beta))
     v = _safe_div(xp, r, beta[:, None], alive[:, None])
-    V = xp.zeros((B, m + 1, n), dtype=dtype, device=dev)  # unfilled slots stay exactly 0
+    V = batch_zeros(xp, r, (m + 1, n))  # unfilled slots stay exactly 0
     V = V + xp.astype(rows == 0, dtype)[None, :, None] * v[:, None, :]
-    H = xp.zeros((B, m + 1, m), dtype=dtype, device=dev)
-    live = xp.zeros((B, m), dtype=dtype, device=dev)  # 1 where column j is a real column
+    H = batch_zeros(xp, r, (m + 1, m))
+    live = batch_zeros(xp, r, (m,))  # 1 where column j is a real column
 
     for j in range(m):
         w = v - vjp(v)  # A v_j
         w = xp.where(alive[:, None], w, xp.zeros_like(w))
         w_norm0 = xp.linalg.vector_norm(w, axis=1)
         # classical Gram-Schmidt against the whole (zero-padded) basis, twice (CGS2)
-        h = xp.zeros((B, m + 1), dtype=dtype, device=dev)
+        h = batch_zeros(xp, r, (m + 1,))
         for _ in range(2):
             c = xp.matmul(V, w[:, :, None])[:, :, 0]  # (B, m+1); 0 in unfilled slots
             w = w - xp.matmul(c[:, None, :], V)[:, 0, :]
