@@ -108,7 +108,8 @@ def _pytest(session: nox.Session, backend: str, *extra: str) -> None:
 @nox.session(name="tests-numpy")
 def tests_numpy(session: nox.Session) -> None:
     """Tests on NumPy, with neither torch nor jax installed (plus the doctests)."""
-    _install(session, "-e", ".[test]", "pytest-xdist")
+    # scipy: the numpy peer rows of the benchmark (tests/test_bench_*.py)
+    _install(session, "-e", ".[test]", "pytest-xdist", "scipy")
     _assert_absent(session, "torch", "jax", "cupy")
     _pytest(session, "numpy")
     if not session.posargs:
@@ -128,7 +129,7 @@ def tests_array_api_strict(session: nox.Session) -> None:
 @nox.session(name="tests-torch")
 def tests_torch(session: nox.Session) -> None:
     """Tests on PyTorch (the CPU wheel pinned in constraints.txt)."""
-    _install(session, "-e", ".[test,torch]", "pytest-xdist")
+    _install(session, "-e", ".[test,torch]", "pytest-xdist", "torchdeq")
     session.run("python", "-c", "import torch; print('torch', torch.__version__)")
     _pytest(session, "torch")
 
@@ -136,7 +137,7 @@ def tests_torch(session: nox.Session) -> None:
 @nox.session(name="tests-jax")
 def tests_jax(session: nox.Session) -> None:
     """Tests on JAX (CPU)."""
-    _install(session, "-e", ".[test,jax]", "pytest-xdist")
+    _install(session, "-e", ".[test,jax]", "pytest-xdist", "jaxopt", "optimistix")
     _pytest(session, "jax")
 
 
@@ -181,6 +182,13 @@ def typecheck(session: nox.Session) -> None:
     """mypy on src/ (settings in pyproject.toml)."""
     _install(session, "-e", ".", "mypy")
     session.run("mypy", *(session.posargs or ["src"]))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The cross-backend benchmark, ``python -m eqsolve.bench`` (arguments after ``--``)."""
+    _install(session, "-e", ".[torch,jax,bench]")
+    session.run("python", "-m", "eqsolve.bench", *session.posargs, env=THREAD_ENV)
 
 
 @nox.session

@@ -35,18 +35,15 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import problems  # noqa: E402
+from eqsolve.bench import problems as bench_problems  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -58,8 +55,10 @@ MAX_ITER = 1000
 
 
 def make_problem(name: str, d: int = 256, p: int = 64, batch: int = 64, seed: int = 0):
-    """P1 / P4 parameters from bench/problems.py, and a random cotangent ``c``."""
-    pr = problems.make_problem({"P1": "tanh", "P4": "sym"}[name], d=d, p=p, batch=batch, seed=seed)
+    """P1 / P4 parameters from eqsolve.bench.problems, and a random cotangent ``c``."""
+    if (d, p, batch) != (256, 64, 64):
+        raise ValueError("eqsolve.bench.problems builds d=256, p=64, B=64 (or size='tiny')")
+    pr = bench_problems.make_problem({"P1": "tanh", "P4": "sym"}[name], seed=seed)
     params = {"W": pr.W, "U": pr.U, "b": pr.b}
     c = np.random.default_rng(seed + 1).standard_normal((batch, d))
     return params, pr.x, c

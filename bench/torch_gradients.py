@@ -32,9 +32,7 @@ import importlib.util
 import json
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,16 +40,14 @@ import torch
 
 import eqsolve
 import eqsolve.torch as et
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import problems  # noqa: E402
+from eqsolve.bench import problems as bench_problems  # noqa: E402
 
 D, P, B = 256, 64, 64
 
 
 def make_problem(kind: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """P1 (``tanh``) or P4 (``sym``) parameters from bench/problems.py, as a dict."""
-    pr = problems.make_problem(kind, d=D, p=P, batch=B, seed=seed)
+    """P1 (``tanh``) or P4 (``sym``) parameters from eqsolve.bench.problems, as a dict."""
+    pr = bench_problems.make_problem(kind, seed=seed)  # default size: d=256, p=64, B=64
     return {"W": pr.W, "U": pr.U, "b": pr.b, "x": pr.x}
 
 

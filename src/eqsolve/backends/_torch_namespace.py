@@ -37,10 +37,11 @@ def _build() -> types.ModuleType:
     ns.__dict__.update({k: v for k, v in vars(compat_torch).items() if not k.startswith("__")})
     ns.vecdot = _vecdot  # type: ignore[attr-defined]
     ns.matmul = _matmul  # type: ignore[attr-defined]
-    ns.linalg = types.ModuleType("linalg")  # type: ignore[attr-defined]
-    ns.linalg.__dict__.update(vars(compat_torch.linalg))
-    ns.linalg.vecdot = _vecdot
-    ns.linalg.matmul = _matmul
+    linalg = types.ModuleType("linalg")
+    linalg.__dict__.update(vars(compat_torch.linalg))  # type: ignore[attr-defined]
+    linalg.vecdot = _vecdot  # type: ignore[attr-defined]
+    linalg.matmul = _matmul  # type: ignore[attr-defined]
+    ns.linalg = linalg  # type: ignore[attr-defined]
     return ns
 
 

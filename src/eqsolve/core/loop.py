@@ -173,16 +173,13 @@ def loop_step_all_active(
     g = fz - z
     g_norm = _row_norm(xp, g)
     f_norm = _row_norm(xp, fz)
-    # NaN/inf anywhere makes `ok` False (comparisons with NaN are False). Clipping g_norm
-    # keeps inf/inf (a NumPy warning) out of the division; it changes no finite value.
+    # NaN/inf anywhere makes `ok` False (comparisons with NaN are False; an infinite norm
+    # makes the sum infinite). Clipping g_norm keeps inf/inf (a NumPy warning) out of the
+    # division; it changes no finite value.
     tiny, huge = _limits(xp, z.dtype)
     rel = xp.minimum(g_norm, huge) / xp.maximum(f_norm, tiny)
-    ok = (
-        (g_norm > rule.tol * f_norm + rule.atol)
-        & (rel < state.best_res)
-        & xp.isfinite(f_norm)
-        & xp.isfinite(g_norm)
-    )
+    bound = rule.tol * f_norm + rule.atol if rule.atol else rule.tol * f_norm
+    ok = (g_norm > bound) & (rel < state.best_res) & xp.isfinite(g_norm + f_norm)
     if not bool(xp.all(ok)):
         new = record(xp, state, solver, rule, z, fz)
         return new, bool(xp.all(new.active))

@@ -1,0 +1,287 @@
+"""Measure one row: a solver (eqsolve's or a peer's) on one :class:`~eqsolve.bench.case.Case`.
+
+For every row, in this order:
+
+1. build the solve and call it once (warm-up; on JAX this compiles, and its time is reported
+   as ``compile_s``);
+2. time ``reps`` further calls (median, min-max), each synchronised;
+3. one untimed call with an instrumented ``f`` (:mod:`eqsolve.bench.instrument`): the number
+   of f-evaluations and the residual at each evaluated point, counted outside the solver;
+4. check the answer of the timed runs independently: the problem's float64 residual
+   ``||f(z)_b - z_b|| / ||f(z)_b||`` per sample; the row converged if every sample is within
+   ``CONVERGED_SLACK x tol`` (the slack allows for solvers that test their residual in working
+   precision or in another norm);
+5. the floor ``nfev x (time of one f call)`` and the share of time outside ``f``,
+   ``1 - floor / median``, with the f-call time measured in the same run.
+
+With ``backward=True`` (torch and jax): the gradient ``dL/dx`` of ``L = sum(z* * g)``
+against the dense float64 reference of the problem, the backward time alone and the bytes
+held for backward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import eqsolve
+
+from .case import Case, Problem
+from .instrument import instrument
+from .timing import Timing, first_call, time_call
+
+#: a row converged if every sample's float64 residual is at most this multiple of ``tol``
+CONVERGED_SLACK = 2.0
+
+#: eqsolve's solvers as rows, named by method (the peers use the same method names)
+EQSOLVE_SOLVERS = ("picard", "anderson", "broyden")
+DEFAULT_SOLVER = "anderson"
+
+
+def eqsolve_solve(case: Case, solver: str, tol: float, max_iter: int) -> Callable[..., Any]:
+    """``make(f)`` for an eqsolve row: the forward solve, jitted as a whole on JAX."""
+
+    def make(f: Callable[[Any], Any]) -> Callable[[], Any]:
+        def run(z0: Any) -> Any:
+            sol = eqsolve.solve(
+                f, z0, solver=solver, tol=tol, max_iter=max_iter, on_failure="ignore"
+            )
+            return sol.value
+
+        if case.framework == "jax":
+            import jax
+
+            jitted = jax.jit(run)
+            return lambda: jitted(case.z0)
+        return lambda: run(case.z0)
+
+    return make
+
+
+def measure_row(
+    case: Case,
+    problem: Problem,
+    make: Callable[[Callable[[Any], Any]], Callable[[], Any]],
+    *,
+    tol: float,
+    reps: int,
+    f_call: Timing,
+    row_budget_s: float | None = None,
+) -> dict[str, Any]:
+    """Steps 1-5 of the module docstring for the solve built by ``make``.
+
+    Never raises: an exception (a peer that cannot handle the case) is recorded as
+    ``row["error"]``.
+    """
+    row: dict[str, Any] = {}
+    with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
+        warnings.simplefilter("always")
+        _measure_into(
+            row, case, problem, make, tol=tol, reps=reps, f_call=f_call, row_budget_s=row_budget_s
+        )
+    if caught:  # kept in the JSON, out of the printed tables
+        row["warnings"] = sorted({f"{w.category.__name__}: {w.message}"[:200] for w in caught})
+    return row
+
+
+def _measure_into(
+    row: dict[str, Any],
+    case: Case,
+    problem: Problem,
+    make: Callable[[Callable[[Any], Any]], Callable[[], Any]],
+    *,
+    tol: float,
+    reps: int,
+    f_call: Timing,
+    row_budget_s: float | None,
+) -> None:
+    try:
+        solve = make(case.f)
+        z, first_s = first_call(solve, case.sync)
+        if row_budget_s is not None and first_s * reps > row_budget_s:
+            # a very slow row (tens of seconds per solve) gets fewer timed runs; the table
+            # shows its run count. Its median barely matters next to rows 100x faster.
+            reps = max(2, int(row_budget_s // max(first_s, 1e-9)))
+        timing = time_call(solve, case.sync, reps)
+        f_counted, recorder = instrument(case, case.f)
+        case.sync(make(f_counted)())
+        nfev, history = recorder.nfev, [float(r) for r in recorder.history]
+    except Exception as exc:  # noqa: BLE001 - a failing row is a result, not a crash
+        row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        row["traceback"] = traceback.format_exc(limit=6)
+        return
+    res = problem.residual(case.to_numpy(z))
+    finite = bool(np.all(np.isfinite(res)))
+    floor = nfev * f_call.median
+    row.update(
+        nfev=nfev,
+        converged=finite and bool(np.max(res) <= CONVERGED_SLACK * tol),
+        samples_converged=int(np.sum(np.isfinite(res) & (res <= CONVERGED_SLACK * tol))),
+        samples=int(res.shape[0]),
+        residual=float(np.max(res)) if finite else float("nan"),
+        **timing.as_ms(),
+        reps=timing.reps,
+        first_call_s=first_s,
+        compile_s=first_s - timing.median if case.framework == "jax" else None,
+        floor_ms=1e3 * floor,
+        x_floor=timing.median / floor if floor > 0 else None,
+        outside_f=max(0.0, 1.0 - floor / timing.median) if timing.median > 0 else None,
+        history=history,
+    )
+
+
+# ------------------------------------------------------------------------------ backward
+
+
+def measure_backward(
+    case: Case,
+    problem: Problem,
+    *,
+    solver: str | None,
+    grad: Callable[[Any], Any] | None,
+    tol: float,
+    max_iter: int,
+    reps: int,
+) -> dict[str, Any]:
+    """Gradient error, backward time and memory held for backward for one row.
+
+    ``solver``: an eqsolve solver name (eqsolve's implicit adjoint, default backward
+    settings), or ``None`` with ``grad`` given (a peer's own ``dL/dx``, timed forward +
+    backward together since peers do not expose the two halves).
+    """
+    g = np.random.default_rng(1).standard_normal(case.to_numpy(case.z0).shape)
+    try:
+        ref = problem.reference_input_grad(g)
+    except Exception as exc:  # noqa: BLE001
+        return {"backward_error": f"reference failed: {type(exc).__name__}: {exc}"}
+    try:
+        if solver is not None and case.framework == "torch":
+            out = _torch_backward(case, g, solver, tol, max_iter, reps)
+        elif solver is not None and case.framework == "jax":
+            out = _jax_backward(case, g, solver, tol, max_iter, reps)
+        elif grad is not None:
+            out = _peer_backward(case, g, grad, reps)
+        else:
+            return {}
+    except Exception as exc:  # noqa: BLE001
+        return {"backward_error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+    dx = out.pop("grad")
+    out["grad_rel_error"] = float(np.linalg.norm(dx - ref) / np.linalg.norm(ref))
+    return out
+
+
+def _torch_backward(
+    case: Case, g_np: np.ndarray, solver: str, tol: float, max_iter: int, reps: int
+) -> dict[str, Any]:
+    import torch
+
+    import eqsolve.torch as et
+
+    g = torch.as_tensor(g_np, dtype=case.z0.dtype, device=case.z0.device)
+    x = case.x.detach().clone().requires_grad_(True)
+
+    def forward() -> Any:
+        sol = et.fixed_point(
+            lambda z: case.f_x(z, x),
+            case.z0,
+            solver=solver,
+            tol=tol,
+            max_iter=max_iter,
+            on_failure="ignore",
+        )
+        return (sol.value * g).sum()
+
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    (dx,) = torch.autograd.grad(loss, x)
+    times = []
+    for _ in range(max(1, reps)):
+        loss = forward()  # a fresh graph each time: backward alone is timed
+        t0 = time.perf_counter()
+        case.sync(torch.autograd.grad(loss, x))
+        times.append(time.perf_counter() - t0)
+    return {
+        "grad": dx.detach().cpu().numpy().astype(np.float64),
+        "backward_ms": 1e3 * float(np.median(times)),
+        "backward_min_ms": 1e3 * min(times),
+        "backward_max_ms": 1e3 * max(times),
+        "backward_bytes": saved,
+        "backward_timed": "backward alone",
+    }
+
+
+def _jax_backward(
+    case: Case, g_np: np.ndarray, solver: str, tol: float, max_iter: int, reps: int
+) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from eqsolve.jax import fixed_point
+
+    g = jnp.asarray(g_np, dtype=case.z0.dtype)
+
+    def loss(x: Any) -> Any:
+        sol = fixed_point(
+            case.f_x, case.z0, x, solver=solver, tol=tol, max_iter=max_iter, on_failure="ignore"
+        )
+        return jnp.sum(sol.value * g)
+
+    forward = jax.jit(lambda x: jax.vjp(loss, x))
+    backward = jax.jit(lambda vjp_fn: vjp_fn(jnp.ones((), dtype=case.z0.dtype))[0])
+    _, vjp_fn = forward(case.x)
+    saved = sum(
+        int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(vjp_fn) if hasattr(leaf, "nbytes")
+    )
+    dx, _ = first_call(lambda: backward(vjp_fn), case.sync)
+    t = time_call(lambda: backward(vjp_fn), case.sync, reps)
+    return {
+        "grad": np.asarray(dx, dtype=np.float64),
+        "backward_ms": 1e3 * t.median,
+        "backward_min_ms": 1e3 * t.min,
+        "backward_max_ms": 1e3 * t.max,
+        "backward_bytes": saved,
+        "backward_timed": "backward alone (jitted vjp)",
+    }
+
+
+def _peer_backward(
+    case: Case, g_np: np.ndarray, grad: Callable[[Any], Any], reps: int
+) -> dict[str, Any]:
+    if case.framework == "torch":
+        import torch
+
+        g: Any = torch.as_tensor(g_np, dtype=case.z0.dtype, device=case.z0.device)
+    elif case.framework == "jax":
+        import jax.numpy as jnp
+
+        g = jnp.asarray(g_np, dtype=case.z0.dtype)
+    else:
+        g = g_np.astype(case.dtype)
+    dx, _ = first_call(lambda: grad(g), case.sync)
+    t = time_call(lambda: grad(g), case.sync, reps)
+    return {
+        "grad": np.asarray(case.to_numpy(dx), dtype=np.float64),
+        "backward_ms": 1e3 * t.median,
+        "backward_min_ms": 1e3 * t.min,
+        "backward_max_ms": 1e3 * t.max,
+        "backward_bytes": None,
+        "backward_timed": "forward + backward (the peer's grad)",
+    }
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """JSON has no NaN/inf: ``None`` for them."""
+    return None if x is None or not math.isfinite(x) else x
