@@ -18,9 +18,11 @@ from .adapters.jax import (
     INEXACT_METHODS,
     fixed_point,
 )
+from .adapters.jax_jacobian import jacobian_reg
 from .core.solution import ConvergenceError, ConvergenceWarning, Solution, Status
 
 __all__ = [
     "BACKWARD_METHODS", "BACKWARD_ON_FAILURE", "IMPLICIT_METHODS", "INEXACT_METHODS",
     "ConvergenceError", "ConvergenceWarning", "Solution", "Status", "fixed_point",
+    "jacobian_reg",
 ]

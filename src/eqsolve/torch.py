@@ -11,10 +11,11 @@ differentiable call of ``f`` at ``z*``, and the implicit adjoint solve in backwa
 from __future__ import annotations
 
 from .adapters.torch import ADJOINT_METHODS, BACKWARD_METHODS, DEQ, fixed_point
+from .adapters.torch_jacobian import jacobian_reg
 from .core.adjoint import AdjointInfo
 from .core.solution import ConvergenceError, ConvergenceWarning, Solution
 
 __all__ = [
     "ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "AdjointInfo", "ConvergenceError",
-    "ConvergenceWarning", "Solution", "fixed_point",
+    "ConvergenceWarning", "Solution", "fixed_point", "jacobian_reg",
 ]
