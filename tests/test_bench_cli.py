@@ -107,7 +107,7 @@ def test_cli_smoke_run(tmp_path):
     assert data["environment"]["threads"]["OMP_NUM_THREADS"] == "1"
     rows = data["rows"]
     assert {(r["problem"], r["method"]) for r in rows} == {
-        (p, s) for p in ("tanh", "sym") for s in ("picard", "anderson", "broyden")
+        (p, s) for p in ("tanh", "sym") for s in ("auto", "picard", "anderson", "broyden")
     }
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)

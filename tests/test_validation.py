@@ -358,7 +358,7 @@ def test_on_failure_unknown(backend, mode):
 def test_unknown_solver_name(backend, name):
     f = CountingMap()
     with pytest.raises(
-        ValueError, match=rf"unknown solver '{name}'; choose one of anderson, broyden, picard"
+        ValueError, match=rf"unknown solver '{name}'; choose one of anderson, auto, broyden, picard"
     ):
         eqsolve.fixed_point(f, _z0(backend), solver=name)
     assert f.calls == 0

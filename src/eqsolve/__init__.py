@@ -12,6 +12,7 @@ from .api import fixed_point, solve
 from .backends import BACKEND_NAMES, BackendUnavailableError
 from .core import (
     Anderson,
+    AutoAnderson,
     Broyden,
     ConvergenceError,
     ConvergenceWarning,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKEND_NAMES",
     "Anderson",
+    "AutoAnderson",
     "BackendUnavailableError",
     "Broyden",
     "ConvergenceError",

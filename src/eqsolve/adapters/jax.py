@@ -99,7 +99,7 @@ def fixed_point(
     f: Callable[..., Any],
     z0: Any,
     *args: Any,
-    solver: str | FixedPointSolver = "anderson",
+    solver: str | FixedPointSolver = "auto",
     tol: float = 1e-6,
     atol: float = 0.0,
     max_iter: int = 100,

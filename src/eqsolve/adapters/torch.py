@@ -402,7 +402,7 @@ def fixed_point(
     f: Callable[[Any], Any],
     z0: Any,
     *,
-    solver: str | FixedPointSolver = "anderson",
+    solver: str | FixedPointSolver = "auto",
     tol: float = 1e-6,
     atol: float = 0.0,
     max_iter: int = 100,
@@ -589,7 +589,7 @@ class DEQ(nn.Module):
     def __init__(
         self,
         *,
-        solver: str | FixedPointSolver = "anderson",
+        solver: str | FixedPointSolver = "auto",
         tol: float = 1e-6,
         atol: float = 0.0,
         max_iter: int = 100,

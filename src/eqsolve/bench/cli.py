@@ -33,6 +33,7 @@ TOL = {"float64": 1e-8, "float32": 1e-5}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from .problems import DEFAULT_PROBLEMS, PROBLEMS
+    from .runner import EQSOLVE_SOLVERS
 
     ap = argparse.ArgumentParser(
         prog="python -m eqsolve.bench",
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--solvers",
-        default="picard,anderson,broyden",
+        default=",".join(EQSOLVE_SOLVERS),
         help="eqsolve solvers (default: %(default)s)",
     )
     ap.add_argument(
@@ -108,8 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"unknown problem {name!r}; choose from {', '.join(PROBLEMS)}")
     args.solvers = _split(args.solvers)
     for s in args.solvers:
-        if s not in ("picard", "anderson", "broyden"):
-            ap.error(f"unknown solver {s!r}; choose from picard, anderson, broyden")
+        if s not in EQSOLVE_SOLVERS:
+            ap.error(f"unknown solver {s!r}; choose from {', '.join(EQSOLVE_SOLVERS)}")
     if args.tol is None:
         args.tol = TOL[args.dtype]
     if args.tol <= 0 or args.reps < 1 or args.max_iter < 1:

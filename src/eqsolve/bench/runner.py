@@ -40,8 +40,8 @@ from .timing import Timing, first_call, time_call
 CONVERGED_SLACK = 2.0
 
 #: eqsolve's solvers as rows, named by method (the peers use the same method names)
-EQSOLVE_SOLVERS = ("picard", "anderson", "broyden")
-DEFAULT_SOLVER = "anderson"
+EQSOLVE_SOLVERS = ("auto", "picard", "anderson", "broyden")
+DEFAULT_SOLVER = "auto"  # eqsolve.solve's default
 
 
 def eqsolve_solve(case: Case, solver: str, tol: float, max_iter: int) -> Callable[..., Any]:

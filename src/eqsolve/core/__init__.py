@@ -4,6 +4,7 @@ Imports only ``array_api_compat`` and ``array_api_extra``; never a framework.
 """
 
 from .anderson import Anderson
+from .auto import AutoAnderson
 from .broyden import Broyden
 from .loop import LoopState, StopRule, loop_init, loop_step
 from .picard import Picard
@@ -12,6 +13,7 @@ from .solver_base import FixedPointSolver, make_solver, solver_names
 
 __all__ = [
     "Anderson",
+    "AutoAnderson",
     "Broyden",
     "ConvergenceError",
     "ConvergenceWarning",
