@@ -48,7 +48,7 @@ def solve(
         z0: initial guess: an array, or a tuple/list of arrays that share the batch axis
             (the multi-resolution states of a multiscale DEQ). Real floating dtype.
         solver: ``"auto"`` (default: Anderson mixing that starts per sample once plain
-            iteration contracts slower than 0.5 per step, :class:`eqsolve.AutoAnderson`),
+            iteration contracts slower than 0.4 per step, :class:`eqsolve.AutoAnderson`),
             ``"anderson"`` (textbook Anderson from the first step), ``"broyden"``,
             ``"picard"``, or a configured solver object such as ``eqsolve.Anderson(m=5)``.
         tol: relative tolerance (> 0).
