@@ -45,6 +45,11 @@ def residual_plots(rows: list[dict[str, Any]], out: Path, tol: float) -> list[Pa
                     linewidth=2.0 if r["library"] == "eqsolve" else 1.2,
                 )
             ax.axhline(tol, color="grey", linewidth=0.8, linestyle=":")
+            # the scale of the converging rows: a diverging peer would squash every curve
+            ours = [len(r["history"]) for r in mine if r["library"] == "eqsolve"]
+            if ours:
+                ax.set_xlim(0, 3 * max(ours))
+            ax.set_ylim(tol / 100, 10.0)
             ax.set_title(f"{problem} on {backend}")
             ax.set_xlabel("f evaluations")
             ax.grid(True, which="major", alpha=0.3)
