@@ -82,6 +82,8 @@ def test_registry_and_errors():
     ],
 )
 def test_tiny_sizes(name, shape):
+    if name == "conv" and not any(importlib.util.find_spec(m) for m in ("torch", "jax")):
+        pytest.skip("the conv problem's references need torch or jax; neither is installed")
     p = make_problem(name, size="tiny")
     assert p.reference_fixed_point().shape == shape
     json.dumps(p.meta)  # the runner writes it to the JSON file

@@ -63,13 +63,15 @@ class AutoAnderson(Anderson):
         super().__post_init__()
         check_positive("start_ratio", self.start_ratio)
 
-    def init(self, xp: Any, z: Any, g: Any) -> AutoState:
+    # the state is an AutoState (Anderson's fields plus `started`); typed Any because it
+    # extends, rather than matches, the parent's AndersonState
+    def init(self, xp: Any, z: Any, g: Any) -> Any:
         s = super().init(xp, z, g)
         # from z, so it has z's batch layout (sharding, shard_map varying axes)
         started = xp.zeros_like(z[:, 0], dtype=xp.bool)
         return AutoState(s.X, s.G, s.H, started)
 
-    def propose(self, xp: Any, state: AutoState, z: Any, g: Any, k: Any) -> Any:
+    def propose(self, xp: Any, state: Any, z: Any, g: Any, k: Any) -> Any:
         plain = z + g if self.beta == 1.0 else z + self.beta * g
         # eagerly, one host read: while no sample has started, the step is plain iteration
         if isinstance(k, int) and not bool(xp.any(state.started)):
@@ -77,9 +79,7 @@ class AutoAnderson(Anderson):
         mixed = super().propose(xp, AndersonState(state.X, state.G, state.H), z, g, k)
         return xp.where(state.started[:, None], mixed, plain)
 
-    def update(
-        self, xp: Any, state: AutoState, z: Any, g: Any, z_new: Any, g_new: Any, k: Any
-    ) -> AutoState:
+    def update(self, xp: Any, state: Any, z: Any, g: Any, z_new: Any, g_new: Any, k: Any) -> Any:
         # squared residual norms of the newest history entry before (slot k % m) and after
         # (slot (k + 1) % m) this update: the Gram diagonal holds them. `before` is read
         # first: on eager backends the update writes the buffers in place.
