@@ -10,9 +10,9 @@
   fixed point and gradient equal those of a plain solve of its own samples. (Without it the
   ranks would stop at different iterations and deadlock in ``f``'s collective: not tested.)
 
-Workers are forked (the children inherit the imported torch; spawn when CUDA is initialised)
-and watched with a deadline, so a deadlock fails the test instead of hanging CI; gloo's own
-timeout is also lowered to 60 s.
+Workers are spawned (forking a process whose autograd engine threads may hold a lock can
+hang the child) and watched with a deadline, so a deadlock fails the test instead of hanging
+CI; gloo's own timeout is also lowered to 60 s.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def _launch(worker, tmp_path, *args) -> None:
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
-    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    # spawn, not fork: a process that has run autograd holds engine threads, and a child
+    # forked while one of them holds a lock can hang (seen in CI under xdist)
+    method = "spawn"
     ctx = mp.start_processes(
         worker,
         args=(WORLD, str(tmp_path / "init"), str(tmp_path), *args),

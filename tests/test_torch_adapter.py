@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -567,11 +568,17 @@ def test_distributed_data_parallel_gloo(tmp_path):
         pytest.skip("torch.distributed is not available in this torch build")
     out_file = str(tmp_path / "grads.pt")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # fork: the children inherit the imported torch (a fresh import costs seconds here);
-    # spawn once CUDA is initialised in this process (a forked child cannot use it)
-    method = "spawn" if torch.cuda.is_initialized() else "fork"
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2,
-                       join=True, start_method=method)
+    # spawn, not fork: a process that has run autograd holds engine threads, and a child
+    # forked while one of them holds a lock can hang forever (seen in CI under xdist)
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out_file),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=2):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail("DDP workers did not finish within 300 s")
     grads = torch.load(out_file)
 
     W, U, b, x = make_problem("tanh", B=4)
