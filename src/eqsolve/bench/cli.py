@@ -103,11 +103,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.full:
         args.problems = ",".join(PROBLEMS)
-    args.problems = _split(args.problems)
+    args.problems = split_csv(args.problems)
     for name in args.problems:
         if name not in PROBLEMS:
             ap.error(f"unknown problem {name!r}; choose from {', '.join(PROBLEMS)}")
-    args.solvers = _split(args.solvers)
+    args.solvers = split_csv(args.solvers)
     for s in args.solvers:
         if s not in EQSOLVE_SOLVERS:
             ap.error(f"unknown solver {s!r}; choose from {', '.join(EQSOLVE_SOLVERS)}")
@@ -118,7 +118,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _split(text: str) -> list[str]:
+def split_csv(text: str) -> list[str]:
+    """Split a comma-separated command-line list: ``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [t.strip() for t in text.split(",") if t.strip()]
 
 

@@ -164,6 +164,29 @@ class _Native:
             self.device_name = f"cuda:{cupy.cuda.Device().id}"
             self.to_numpy = cupy.asnumpy
 
+    def case(
+        self,
+        problem: Any,
+        f: Callable[[Any], Any],
+        f_x: Callable[[Any, Any], Any],
+        z0: Any,
+        x: Any,
+    ) -> Case:
+        """The :class:`Case` of ``problem`` (its ``name`` and ``meta``) on this backend."""
+        return Case(
+            problem=problem.name,
+            backend=self.backend,
+            framework=self.framework,
+            dtype=self.dtype,
+            f=f,
+            z0=z0,
+            x=x,
+            f_x=f_x,
+            sync=self.sync,
+            to_numpy=self.to_numpy,
+            meta={**problem.meta, "device": self.device_name},
+        )
+
     def __call__(self, a: np.ndarray) -> Any:
         """``a`` (float64 NumPy) cast to the dtype first, then moved: identical inputs."""
         a = np.ascontiguousarray(np.asarray(a, dtype=np.float64).astype(self.dtype))
@@ -419,19 +442,7 @@ class TanhProblem:
             def f_x(z: Any, xx: Any) -> Any:
                 return cupy.tanh(z @ WT + (xx @ UT + b))
 
-        return Case(
-            problem=self.name,
-            backend=backend,
-            framework=fw,
-            dtype=dtype,
-            f=f,
-            z0=z0,
-            x=x,
-            f_x=f_x,
-            sync=nat.sync,
-            to_numpy=nat.to_numpy,
-            meta={**self.meta, "device": nat.device_name},
-        )
+        return nat.case(self, f, f_x, z0, x)
 
     def __repr__(self) -> str:
         return f"TanhProblem({self.name!r}, d={self.d}, p={self.p}, B={self.B})"
@@ -673,19 +684,7 @@ class ConvProblem:
             jcell = self._jax_cell(nat)
             f = jax.jit(lambda z: jcell(z, x))
             f_x = jax.jit(jcell)
-        return Case(
-            problem=self.name,
-            backend=backend,
-            framework=fw,
-            dtype=dtype,
-            f=f,
-            z0=z0,
-            x=x,
-            f_x=f_x,
-            sync=nat.sync,
-            to_numpy=nat.to_numpy,
-            meta={**self.meta, "device": nat.device_name},
-        )
+        return nat.case(self, f, f_x, z0, x)
 
     # float64 references ------------------------------------------------------------------
     def _ref_cell(self) -> tuple[str, _Native, Callable[[Any, Any], Any]]:

@@ -44,24 +44,39 @@ EQSOLVE_SOLVERS = ("auto", "picard", "anderson", "broyden")
 DEFAULT_SOLVER = "auto"  # eqsolve.solve's default
 
 
-def eqsolve_solve(case: Case, solver: str, tol: float, max_iter: int) -> Callable[..., Any]:
-    """``make(f)`` for an eqsolve row: the forward solve, jitted as a whole on JAX."""
+class EqsolveSolve:
+    """``make(f)`` for an eqsolve row: the forward solve, jitted as a whole on JAX.
 
-    def make(f: Callable[[Any], Any]) -> Callable[[], Any]:
+    Keeps the :class:`~eqsolve.Solution` of its latest call in ``last_solution``, so the
+    table reads eqsolve's own iteration count and ``nfev`` without solving again.
+    """
+
+    def __init__(self, case: Case, solver: str, tol: float, max_iter: int) -> None:
+        self.case, self.solver, self.tol, self.max_iter = case, solver, tol, max_iter
+        self.last_solution: Any = None
+
+    def __call__(self, f: Callable[[Any], Any]) -> Callable[[], Any]:
         def run(z0: Any) -> Any:
-            sol = eqsolve.solve(
-                f, z0, solver=solver, tol=tol, max_iter=max_iter, on_failure="ignore"
+            return eqsolve.solve(
+                f,
+                z0,
+                solver=self.solver,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                on_failure="ignore",
             )
-            return sol.value
 
-        if case.framework == "jax":
+        solve = run
+        if self.case.framework == "jax":
             import jax
 
-            jitted = jax.jit(run)
-            return lambda: jitted(case.z0)
-        return lambda: run(case.z0)
+            solve = jax.jit(run)
 
-    return make
+        def call() -> Any:
+            self.last_solution = solve(self.case.z0)
+            return self.last_solution.value
+
+        return call
 
 
 def measure_row(
@@ -82,58 +97,43 @@ def measure_row(
     row: dict[str, Any] = {}
     with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
         warnings.simplefilter("always")
-        _measure_into(
-            row, case, problem, make, tol=tol, reps=reps, f_call=f_call, row_budget_s=row_budget_s
-        )
+        try:
+            solve = make(case.f)
+            z, first_s = first_call(solve, case.sync)
+            if row_budget_s is not None and first_s * reps > row_budget_s:
+                # a very slow row (tens of seconds per solve) gets fewer timed runs; the
+                # table shows its run count. Its median barely matters next to rows 100x
+                # faster.
+                reps = max(2, int(row_budget_s // max(first_s, 1e-9)))
+            timing = time_call(solve, case.sync, reps)
+            f_counted, recorder = instrument(case, case.f)
+            case.sync(make(f_counted)())
+            nfev, history = recorder.nfev, [float(r) for r in recorder.history]
+        except Exception as exc:  # noqa: BLE001 - a failing row is a result, not a crash
+            row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            row["traceback"] = traceback.format_exc(limit=6)
+        else:
+            res = problem.residual(case.to_numpy(z))
+            finite = bool(np.all(np.isfinite(res)))
+            floor = nfev * f_call.median
+            row.update(
+                nfev=nfev,
+                converged=finite and bool(np.max(res) <= CONVERGED_SLACK * tol),
+                samples_converged=int(np.sum(np.isfinite(res) & (res <= CONVERGED_SLACK * tol))),
+                samples=int(res.shape[0]),
+                residual=float(np.max(res)) if finite else float("nan"),
+                **timing.as_ms(),
+                reps=timing.reps,
+                first_call_s=first_s,
+                compile_s=first_s - timing.median if case.framework == "jax" else None,
+                floor_ms=1e3 * floor,
+                x_floor=timing.median / floor if floor > 0 else None,
+                outside_f=max(0.0, 1.0 - floor / timing.median) if timing.median > 0 else None,
+                history=history,
+            )
     if caught:  # kept in the JSON, out of the printed tables
         row["warnings"] = sorted({f"{w.category.__name__}: {w.message}"[:200] for w in caught})
     return row
-
-
-def _measure_into(
-    row: dict[str, Any],
-    case: Case,
-    problem: Problem,
-    make: Callable[[Callable[[Any], Any]], Callable[[], Any]],
-    *,
-    tol: float,
-    reps: int,
-    f_call: Timing,
-    row_budget_s: float | None,
-) -> None:
-    try:
-        solve = make(case.f)
-        z, first_s = first_call(solve, case.sync)
-        if row_budget_s is not None and first_s * reps > row_budget_s:
-            # a very slow row (tens of seconds per solve) gets fewer timed runs; the table
-            # shows its run count. Its median barely matters next to rows 100x faster.
-            reps = max(2, int(row_budget_s // max(first_s, 1e-9)))
-        timing = time_call(solve, case.sync, reps)
-        f_counted, recorder = instrument(case, case.f)
-        case.sync(make(f_counted)())
-        nfev, history = recorder.nfev, [float(r) for r in recorder.history]
-    except Exception as exc:  # noqa: BLE001 - a failing row is a result, not a crash
-        row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        row["traceback"] = traceback.format_exc(limit=6)
-        return
-    res = problem.residual(case.to_numpy(z))
-    finite = bool(np.all(np.isfinite(res)))
-    floor = nfev * f_call.median
-    row.update(
-        nfev=nfev,
-        converged=finite and bool(np.max(res) <= CONVERGED_SLACK * tol),
-        samples_converged=int(np.sum(np.isfinite(res) & (res <= CONVERGED_SLACK * tol))),
-        samples=int(res.shape[0]),
-        residual=float(np.max(res)) if finite else float("nan"),
-        **timing.as_ms(),
-        reps=timing.reps,
-        first_call_s=first_s,
-        compile_s=first_s - timing.median if case.framework == "jax" else None,
-        floor_ms=1e3 * floor,
-        x_floor=timing.median / floor if floor > 0 else None,
-        outside_f=max(0.0, 1.0 - floor / timing.median) if timing.median > 0 else None,
-        history=history,
-    )
 
 
 # ------------------------------------------------------------------------------ backward

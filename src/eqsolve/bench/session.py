@@ -17,15 +17,13 @@ from typing import Any
 
 import numpy as np
 
-import eqsolve
-
 from ..backends import BackendUnavailableError
 from . import report
 from .case import Case, Problem
-from .cli import default_backends, environment
+from .cli import default_backends, environment, split_csv
 from .peers import PEERS, PeerSolver, missing_peers, peer_solvers
 from .problems import BACKENDS, make_problem
-from .runner import DEFAULT_SOLVER, eqsolve_solve, measure_backward, measure_row
+from .runner import DEFAULT_SOLVER, EqsolveSolve, measure_backward, measure_row
 from .timing import f_call_time
 
 
@@ -99,7 +97,7 @@ def plan(args: argparse.Namespace, backends: list[str]) -> tuple[list[_Planned],
                         "eqsolve",
                         s,
                         "default",
-                        eqsolve_solve(case, s, args.tol, args.max_iter),
+                        EqsolveSolve(case, s, args.tol, args.max_iter),
                         {"solver": s, "tol": args.tol, "max_iter": args.max_iter},
                     )
                 )
@@ -129,11 +127,11 @@ def plan(args: argparse.Namespace, backends: list[str]) -> tuple[list[_Planned],
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    if "torch" in (args.backends or "torch") and _has("torch"):
+    backends = split_csv(args.backends) if args.backends else default_backends()
+    if any(BACKENDS.get(b) == "torch" for b in backends):
         import torch
 
         torch.set_num_threads(1)
-    backends = [b for b in (args.backends.split(",") if args.backends else default_backends())]
     started = datetime.datetime.now().astimezone()
     command = "python -m eqsolve.bench" + ("" if not argv else " " + shlex.join(argv))
     print(f"eqsolve.bench  {started:%Y-%m-%d %H:%M %Z}  {command}")
@@ -189,14 +187,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             )
         )
         if item.library == "eqsolve" and "error" not in row:
-            sol = eqsolve.solve(
-                case.f,
-                case.z0,
-                solver=item.method,
-                tol=args.tol,
-                max_iter=args.max_iter,
-                on_failure="ignore",
-            )
+            sol = item.make.last_solution  # the counting run's Solution: eqsolve's own figures
             row["iterations"] = int(np.max(np.asarray(case.to_numpy(sol.iterations))))
             row["nfev_reported"] = int(sol.nfev)
         if args.backward and "error" not in row:
@@ -262,9 +253,3 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     written = [args.out / "results.json", *files]
     print(f"\nwrote {', '.join(str(p) for p in written)}  ({elapsed:.0f} s)")
     return 0
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
