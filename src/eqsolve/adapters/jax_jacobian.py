@@ -27,10 +27,12 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 
+from ..core.validation import JACOBIAN_REG_REDUCTIONS, check_jacobian_reg_arguments
+
 __all__ = ["REDUCTIONS", "jacobian_reg"]
 
 #: accepted ``reduction=`` values
-REDUCTIONS: tuple[str, ...] = ("mean", "none")
+REDUCTIONS = JACOBIAN_REG_REDUCTIONS
 
 
 def _per_sample_sq(v: Any, batch_axis: int | None) -> Any:
@@ -108,12 +110,7 @@ def jacobian_reg(
         >>> x = jax.random.normal(jax.random.key(1), (4, 8))
         >>> g = jax.jit(jax.grad(loss))(W, x, jax.random.key(2))
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
-    if batch_axis is not None and (isinstance(batch_axis, bool) or not isinstance(batch_axis, int)):
-        raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_jacobian_reg_arguments(n_samples, batch_axis, reduction)
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
 

@@ -28,23 +28,16 @@ from typing import Any
 
 import torch
 
+from ..core.validation import JACOBIAN_REG_REDUCTIONS, check_jacobian_reg_arguments
+
 __all__ = ["REDUCTIONS", "jacobian_reg"]
 
 #: accepted ``reduction=`` values
-REDUCTIONS: tuple[str, ...] = ("mean", "none")
+REDUCTIONS = JACOBIAN_REG_REDUCTIONS
 
 
 def _leaves(tree: Any) -> list[Any]:
     return list(tree) if isinstance(tree, (tuple, list)) else [tree]
-
-
-def _check(n_samples: Any, batch_axis: Any, reduction: Any) -> None:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
-    if batch_axis is not None and (isinstance(batch_axis, bool) or not isinstance(batch_axis, int)):
-        raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def _per_sample_sq(v: torch.Tensor, batch_axis: int | None) -> torch.Tensor:
@@ -125,7 +118,7 @@ def jacobian_reg(
         >>> loss.backward(); W.grad.shape
         torch.Size([8, 8])
     """
-    _check(n_samples, batch_axis, reduction)
+    check_jacobian_reg_arguments(n_samples, batch_axis, reduction)
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     leaves = _leaves(z_star)

@@ -92,3 +92,22 @@ def check_f_output(xp: Any, fz: Any, z: Any, structure: Structure) -> None:
         d_out, d_in = device_of(out), device_of(inp)
         if d_out is not None and d_in is not None and d_out != d_in:
             raise ValueError(f"{where} is on device {d_out} but z0 is on device {d_in}")
+
+
+#: ``reduction=`` values of ``jacobian_reg`` (torch and jax)
+JACOBIAN_REG_REDUCTIONS: tuple[str, ...] = ("mean", "none")
+
+
+def check_jacobian_reg_arguments(n_samples: Any, batch_axis: Any, reduction: Any) -> None:
+    """The framework-independent arguments of ``jacobian_reg`` (torch and jax).
+
+    Raises:
+        ValueError: ``n_samples`` not an int >= 1, or an unknown ``reduction``.
+        TypeError: ``batch_axis`` neither an int nor None.
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
+    if batch_axis is not None and (isinstance(batch_axis, bool) or not isinstance(batch_axis, int)):
+        raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
+    if reduction not in JACOBIAN_REG_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {JACOBIAN_REG_REDUCTIONS}, got {reduction!r}")
