@@ -8,7 +8,7 @@ from .auto import AutoAnderson
 from .broyden import Broyden
 from .loop import LoopState, StopRule, loop_init, loop_step
 from .picard import Picard
-from .solution import ConvergenceError, ConvergenceWarning, Solution, Status
+from .solution import ConvergenceError, ConvergenceWarning, CouplingWarning, Solution, Status
 from .solver_base import FixedPointSolver, make_solver, solver_names
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Broyden",
     "ConvergenceError",
     "ConvergenceWarning",
+    "CouplingWarning",
     "FixedPointSolver",
     "LoopState",
     "Picard",

@@ -25,8 +25,10 @@ from typing import Any, NamedTuple
 from ._xp import scaled_norm
 from .driver import Driver, python_driver
 from .loop import StopRule
+from .precision import widened, working_dtype
 from .solution import Status
 from .solver_base import FixedPointSolver, make_solver
+from .validation import check_max_iter
 
 #: fixed-point methods and the forward solver each one reuses
 FIXED_POINT_METHODS = {"neumann": "picard", "anderson": "anderson", "broyden": "broyden"}
@@ -105,9 +107,18 @@ def solve_adjoint_loop(
     The right-hand side is normalised per sample with a max-scaled norm (a float32 row of
     1e-30 has a plain 2-norm of 0) and the solution scaled back: the map is linear.
     ``info.iterations`` counts ``vjps_per_update`` VJPs per solver update (GMRES: the
-    Arnoldi steps of one restart cycle).
+    Arnoldi steps of one restart cycle). A float16/bfloat16 ``g`` is solved in float32 with
+    the VJPs in ``g``'s dtype (:mod:`eqsolve.core.precision`); ``u`` comes back in it.
     """
     run = driver if driver is not None else python_driver(xp)
+    wide = working_dtype(xp, g.dtype)
+    if wide is not None:
+        low = g.dtype
+        u, info = solve_adjoint_loop(
+            xp, widened(xp, vjp, low, wide), xp.astype(g, wide), solver, tol=tol,
+            max_iter=max_iter, driver=driver, vjps_per_update=vjps_per_update,
+        )
+        return xp.astype(u, low), info
     norm = scaled_norm(xp, g)
     scale = xp.where(norm > 0, norm, xp.ones_like(norm))
     g_unit = g / scale[:, None]
@@ -139,13 +150,7 @@ def check_backward_limits(tol: Any, max_iter: Any) -> tuple[float | None, int | 
             raise ValueError(f"backward_tol must be finite and > 0, got {tol!r}")
         tol = float(tol)
     if max_iter is not None:
-        if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
-            raise TypeError(
-                f"backward_max_iter must be an int or None, got {type(max_iter).__name__}"
-            )
-        if max_iter < 1:
-            raise ValueError(f"backward_max_iter must be >= 1, got {max_iter}")
-        max_iter = int(max_iter)
+        max_iter = check_max_iter(max_iter, "backward_max_iter")
     return tol, max_iter
 
 

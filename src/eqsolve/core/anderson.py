@@ -14,6 +14,11 @@ squared residual norm (computed as a unit-diagonal, Jacobi-scaled system). An ab
 or one scaled by the mean of ``diag(H)``, swamps the newest (smallest) residuals near
 convergence and makes Anderson slower than plain iteration at tight tolerances.
 
+Scale: the residuals are stored divided by a per-sample constant (the norm of the first
+residual), so the Gram matrix neither underflows nor overflows for states of 1e-170 or
+1e150 (the mixing weights do not depend on the scale; without it, a Gram matrix of zeros
+leaves the mixing undetermined).
+
 Safeguard: where the mixing weights are non-finite or ``||alpha||_1 > max_coefficient`` (an
 extrapolation that cancels catastrophically), that sample takes the plain damped step
 ``z + beta g`` instead.
@@ -32,14 +37,15 @@ from typing import Any, NamedTuple
 
 import array_api_extra as xpx
 
-from ._xp import batch_zeros, device_of, set_at
+from ._xp import batch_zeros, device_of, scaled_norm, set_at
 from .solver_base import FixedPointSolver, check_positive, register
 
 
 class AndersonState(NamedTuple):
     X: Any  # (B, m, n) past iterates, ring buffer; unused slots are zero
-    G: Any  # (B, m, n) their residuals f(z_i) - z_i
-    H: Any  # (B, m, m) Gram matrix <g_i, g_j>; zero outside the filled block
+    G: Any  # (B, m, n) their residuals f(z_i) - z_i, times `inv_scale`
+    H: Any  # (B, m, m) Gram matrix <g_i, g_j> of the stored G; zero outside the filled block
+    inv_scale: Any  # (B,) 1 / ||g_0|| (1 where that is 0 or not finite)
 
 
 @register
@@ -71,12 +77,16 @@ class Anderson(FixedPointSolver):
 
     def init(self, xp: Any, z: Any, g: Any) -> AndersonState:
         B, n = z.shape
+        norm = scaled_norm(xp, g)
+        ok = (norm > 0) & (norm < float("inf"))
+        inv_scale = xp.where(ok, 1.0 / xp.where(ok, norm, xp.ones_like(norm)), xp.ones_like(norm))
+        g = g * inv_scale[:, None]
         zeros = batch_zeros(xp, z, (self.m, n))
         X = xpx.at(zeros)[:, 0, ...].set(z)
         G = xpx.at(xp.zeros_like(zeros))[:, 0, ...].set(g)
         H = batch_zeros(xp, z, (self.m, self.m))
         H = xpx.at(H)[:, 0, 0].set(xp.vecdot(g, g))
-        return AndersonState(X, G, H)
+        return AndersonState(X, G, H, inv_scale)
 
     def mixing_weights(self, xp: Any, H: Any, k: Any) -> Any:
         """Per-sample ``alpha`` (B, m) for Gram ``H`` with ``min(k+1, m)`` filled slots."""
@@ -112,11 +122,9 @@ class Anderson(FixedPointSolver):
     def propose(self, xp: Any, state: AndersonState, z: Any, g: Any, k: Any) -> Any:
         alpha = self.mixing_weights(xp, state.H, k)
         a = alpha[:, None, :]
+        mixed_g = xp.matmul(a, state.G)[:, 0, :] / state.inv_scale[:, None]
         mixed = xp.matmul(a, state.X)[:, 0, :]
-        if self.beta == 1.0:
-            mixed = mixed + xp.matmul(a, state.G)[:, 0, :]
-        else:
-            mixed = mixed + self.beta * xp.matmul(a, state.G)[:, 0, :]
+        mixed = mixed + mixed_g if self.beta == 1.0 else mixed + self.beta * mixed_g
         l1 = xp.sum(xp.abs(alpha), axis=1)
         ok = xp.isfinite(l1) & (l1 <= self.max_coefficient)
         # eagerly (k a Python int), one host read spares the plain step and the (B, n)
@@ -130,6 +138,7 @@ class Anderson(FixedPointSolver):
         self, xp: Any, state: AndersonState, z: Any, g: Any, z_new: Any, g_new: Any, k: Any
     ) -> AndersonState:
         slot = (k + 1) % self.m
+        g_new = g_new * state.inv_scale[:, None]
         X = set_at(state.X, (slice(None), slot, ...), z_new)
         G = set_at(state.G, (slice(None), slot, ...), g_new)
         # (B, m): <g_i, g_new>, unused slots 0. Row-vector form: torch's (B,m,n) @ (B,n,1)
@@ -137,4 +146,4 @@ class Anderson(FixedPointSolver):
         row = xp.matmul(g_new[:, None, :], xp.matrix_transpose(G))[:, 0, :]
         H = set_at(state.H, (slice(None), slot, ...), row)
         H = set_at(H, (slice(None), slice(None), slot), row)
-        return AndersonState(X, G, H)
+        return AndersonState(X, G, H, state.inv_scale)

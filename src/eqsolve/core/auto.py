@@ -46,6 +46,7 @@ class AutoState(NamedTuple):
     X: Any  # (B, m, n) as in AndersonState
     G: Any  # (B, m, n)
     H: Any  # (B, m, m)
+    inv_scale: Any  # (B,)
     started: Any  # (B,) bool: this sample mixes (it has seen a slow step)
 
 
@@ -69,14 +70,14 @@ class AutoAnderson(Anderson):
         s = super().init(xp, z, g)
         # from z, so it has z's batch layout (sharding, shard_map varying axes)
         started = xp.zeros_like(z[:, 0], dtype=xp.bool)
-        return AutoState(s.X, s.G, s.H, started)
+        return AutoState(s.X, s.G, s.H, s.inv_scale, started)
 
     def propose(self, xp: Any, state: Any, z: Any, g: Any, k: Any) -> Any:
         plain = z + g if self.beta == 1.0 else z + self.beta * g
         # eagerly, one host read: while no sample has started, the step is plain iteration
         if isinstance(k, int) and not bool(xp.any(state.started)):
             return plain
-        mixed = super().propose(xp, AndersonState(state.X, state.G, state.H), z, g, k)
+        mixed = super().propose(xp, _anderson(state), z, g, k)
         return xp.where(state.started[:, None], mixed, plain)
 
     def update(self, xp: Any, state: Any, z: Any, g: Any, z_new: Any, g_new: Any, k: Any) -> Any:
@@ -85,7 +86,11 @@ class AutoAnderson(Anderson):
         # first: on eager backends the update writes the buffers in place.
         prev, slot = k % self.m, (k + 1) % self.m
         before = state.H[:, prev, prev]
-        s = super().update(xp, AndersonState(state.X, state.G, state.H), z, g, z_new, g_new, k)
+        s = super().update(xp, _anderson(state), z, g, z_new, g_new, k)
         after = s.H[:, slot, slot]
         slow = after > (self.start_ratio * self.start_ratio) * before
-        return AutoState(s.X, s.G, s.H, state.started | slow)
+        return AutoState(s.X, s.G, s.H, s.inv_scale, state.started | slow)
+
+
+def _anderson(state: AutoState) -> AndersonState:
+    return AndersonState(state.X, state.G, state.H, state.inv_scale)

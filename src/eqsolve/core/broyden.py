@@ -14,6 +14,11 @@ memory is fixed and does not grow with ``max_iter``. When they are full the meth
 later terms -- each computed against the full earlier ``H`` -- inconsistent; on the ``sym``
 benchmark problem that diverged for memory 10-40 where restarting converges.)
 
+Scale: each rank-one term ``u v^T`` is unchanged when ``s`` and ``y`` are divided by the
+same number, so every update divides them by ``||s||`` first: the products stay of order 1
+for states of 1e-170 or 1e150 instead of underflowing (and skipping every update) or
+overflowing.
+
 Safeguards: an update whose denominator ``|s^T H y|`` is not larger than
 ``eps * ||s|| ||H y||`` (or non-finite) is skipped for that sample; a non-finite step falls
 back to the plain step ``z + g``.
@@ -31,7 +36,7 @@ from typing import Any, NamedTuple
 
 import array_api_extra as xpx
 
-from ._xp import batch_zeros, device_of
+from ._xp import batch_zeros, device_of, scaled_norm
 from .solver_base import FixedPointSolver, check_positive, register
 
 
@@ -90,6 +95,11 @@ class Broyden(FixedPointSolver):
         s = z_new - z
         Hg_new = self._apply(xp, state.U, state.V, g_new, mask)
         Hy = Hg_new - state.Hg  # H (g_new - g), by linearity
+        # u v^T is invariant under (s, Hy) -> (s, Hy) / c: divide by ||s|| (see the module doc)
+        norm = scaled_norm(xp, s)
+        unit = (norm > 0) & (norm < float("inf"))
+        inv = xp.where(unit, 1.0 / xp.where(unit, norm, xp.ones_like(norm)), xp.ones_like(norm))
+        s, Hy = s * inv[:, None], Hy * inv[:, None]
         v = self._apply(xp, state.V, state.U, s, mask)  # H^T s
         denom = xp.vecdot(s, Hy)
         eps = float(xp.finfo(z.dtype).eps)

@@ -2,8 +2,9 @@
 array_api_strict) and used by core routines (the adjoint solve) when no driver is given.
 
 A driver is any callable ``driver(f, z0, solver, rule) -> LoopState`` that runs
-``loop_init`` then ``loop_step`` while ``k < max_iter`` and some sample is active; the JAX
-backend provides one built on ``lax.while_loop``.
+``loop_init``, then ``loop_step`` while ``k < max_iter`` and some sample is active, then
+``verify`` once where ``needs_verification`` says so (the returned batch must be the last
+one evaluated); the JAX backend provides one built on ``lax.while_loop``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .loop import LoopState, StopRule, loop_init, loop_step, loop_step_all_active
+from .loop import (
+    LoopState,
+    StopRule,
+    loop_init,
+    loop_step,
+    loop_step_all_active,
+    needs_verification,
+    verify,
+)
 from .solver_base import FixedPointSolver
 
 
@@ -39,6 +48,8 @@ def run_python_loop(
             state = loop_step(xp, f, state, solver, rule)
         else:
             break
+    if bool(xp.any(needs_verification(xp, state))):
+        state = verify(xp, f, state, solver, rule)
     return state
 
 
@@ -65,19 +76,24 @@ def run_python_loop_synced(
 
     ``any_active(active)`` reduces this process's ``(B,)`` flags to one ``bool`` that is the
     same on every participating process (e.g. an all-reduce of ``any(active)`` over a
-    ``torch.distributed`` group). It is called exactly once per iteration, on every process,
-    so all of them call ``f`` the same number of times: ``1 + k`` with the same ``k``. That
+    ``torch.distributed`` group). It is called exactly once per iteration, and once more on
+    the flags of :func:`~eqsolve.core.loop.needs_verification` after the loop, on every
+    process, so all of them call ``f`` the same number of times: ``1 + k`` with the same
+    ``k``. That
     is what a map ``f`` containing a collective (an all-reduce, SyncBatchNorm) needs; with
     per-process stopping, a process that stops early would leave the others waiting in
     ``f``'s collective forever.
 
     A process whose samples have all stopped keeps stepping: ``loop_step`` parks stopped
-    samples at their best iterate and never changes their reported fields, so its results
-    are those of an unsynchronised solve; only the shared count ``k`` (and ``nfev``) grows.
+    samples at their best iterate and (for a sample-independent ``f``) its reported fields do
+    not change, so its results are those of an unsynchronised solve; only the shared count
+    ``k`` (and ``nfev``) grows.
     ``rule.max_iter`` must be the same on every process (it is checked before
     ``any_active``, so at ``k == max_iter`` no process reduces).
     """
     state = loop_init(xp, f, z0, solver, rule)
     while state.k < rule.max_iter and any_active(state.active):
         state = loop_step(xp, f, state, solver, rule)
+    if any_active(needs_verification(xp, state)):  # every process evaluates, or none does
+        state = verify(xp, f, state, solver, rule)
     return state

@@ -2,23 +2,37 @@
 
 Every solver runs inside this loop; backends only decide *how* it is driven (a Python
 ``while`` on eager backends, ``lax.while_loop`` under JAX) through ``loop_init``,
-``loop_step`` and the continuation test ``state.k < max_iter and any(state.active)``.
+``loop_step`` and the continuation test ``state.k < max_iter and any(state.active)``, then
+:func:`needs_verification` / :func:`verify` once after the loop.
 
-Stopping rule, per sample ``b`` of the ``(B, n)`` view, for the evaluated point ``z``:
+The stopping rule and its arithmetic live in :mod:`eqsolve.core.measure`: per sample, the
+residual test ``||f(z) - z|| <= tol ||f(z)|| + atol`` (measured by the rule ratio ``q``, the
+best iterate being the one with the lowest ``q``) and the determinacy test that tells a
+fixed point from a run-away iterate; norms are computed so that they neither underflow nor
+overflow.
 
-    ||f(z) - z|| <= tol * ||f(z)|| + atol
+**The contract this module keeps.** For every sample, the reported ``status`` is CONVERGED
+if and only if the rule holds at the returned point (``best_z``) *at the last evaluation of
+``f``*, and ``best_res`` is that evaluation's relative residual. Three mechanisms make this
+true even when ``f`` is not sample-independent (BatchNorm in a cell, a matrix acting across
+the batch, a forgotten ``batch_axis=None``):
 
-The reported residual is the relative ``||f(z) - z|| / ||f(z)||`` of the returned point.
+* a stopped sample is parked at its returned point and ``f`` evaluates it again at every
+  step anyway (the batch is evaluated whole); the rule is checked there every time, its
+  residual updated, and a sample whose rule no longer holds is re-opened (it iterates again;
+  ``reopened`` records it, so the caller can warn that ``f`` couples the samples);
+* active samples advance together, so one scalar step counter ``k`` indexes every ring
+  buffer;
+* when the loop ends with some sample whose last evaluated point is not its returned point
+  (a budget that ran out on a non-monotone residual, a sample stopped by NaN/inf),
+  :func:`verify` evaluates ``f`` once more on the returned batch and re-derives every
+  status there. With an ``f`` that treats samples independently it changes no field but
+  ``k``; it costs one call of ``f``, only on such exits.
 
-The 2-norms are not rescaled: a state whose norm overflows (entries ~1e154 in float64)
-counts as non-finite.
-
-Per-sample freezing: a sample stops (converged, or NaN/inf in its residual) the first time
-the rule holds or a non-finite value appears. From then on its reported fields (best
-iterate, residual, iteration count, status) never change, and the point it feeds to ``f``
-is parked at its best iterate, so a batch gives each sample the result it gets alone.
-Active samples all advance together, which is why one scalar step counter ``k`` is enough
-to index every ring buffer.
+Statuses (:class:`~eqsolve.core.solution.Status`): CONVERGED (rule holds), MAX_ITER (still
+failing after ``max_iter`` updates), NONFINITE (NaN/inf appeared: the best finite iterate is
+kept), DIVERGED (the residual grew ``RESIDUAL_GROWTH``-fold, or the residual test held only
+by running away).
 """
 
 from __future__ import annotations
@@ -27,55 +41,48 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from .measure import grew, limits, measure, plain_norm, rule_ratio, runaway
 from .solution import Status
 from .solver_base import FixedPointSolver
+
+_CONVERGED, _MAX_ITER = int(Status.CONVERGED), int(Status.MAX_ITER)
+_NONFINITE, _DIVERGED = int(Status.NONFINITE), int(Status.DIVERGED)
 
 
 @dataclass(frozen=True)
 class StopRule:
-    """``||f(z) - z|| <= tol ||f(z)|| + atol`` within ``max_iter`` solver updates."""
+    """``||f(z) - z|| <= tol ||f(z)|| + atol`` (and determinacy) within ``max_iter`` updates.
+
+    ``floor``: on backends that flush subnormal results to zero, the most that flushing can
+    hide of ``||f(z) - z||`` (:func:`~eqsolve.core.measure.flush_floor`); 0 elsewhere.
+    """
 
     tol: float
     atol: float
     max_iter: int
+    floor: float = 0.0
 
 
 class LoopState(NamedTuple):
-    z: Any  # (B, n) last evaluated point
+    z: Any  # (B, n) last recorded point (stopped samples: where they are parked)
     g: Any  # (B, n) its residual f(z) - z
-    best_z: Any  # (B, n) best iterate while active
-    best_res: Any  # (B,) its relative residual
+    best_z: Any  # (B, n) the point each sample returns
+    best_res: Any  # (B,) relative residual of best_z at its latest evaluation
+    best_ratio: Any  # (B,) rule ratio q of best_z at its latest evaluation
+    at_best: Any  # (B,) bool: the latest evaluation of this sample was at best_z
     active: Any  # (B,) bool: still iterating
     status: Any  # (B,) int32 Status code (MAX_ITER until something else happens)
     iterations: Any  # (B,) int32 updates applied while active
-    k: Any  # updates done (Python int eagerly, 0-d int array under JAX)
+    reopened: Any  # (B,) bool: a stopped sample's status changed at a later evaluation
+    k: Any  # evaluations of f so far, minus one (Python int eagerly, 0-d int under JAX)
+    z0: Any  # (B, n) initial point (the determinacy test's secant base)
+    g0: Any  # (B, n) its residual
+    g0_norm: Any  # (B,) its norm (the residual-growth test's base)
     solver: Any  # the solver's own NamedTuple state
 
 
-def _row_norm(xp: Any, a: Any) -> Any:
-    """Per-row 2-norm ``sqrt(<a_b, a_b>)`` of a ``(B, n)`` array (no rescaling).
-
-    ``vecdot`` rather than ``linalg.vector_norm``: on NumPy it is 3x cheaper per call, and
-    both the eager fast path and the general step use this one formula, so they round alike.
-    """
-    return xp.sqrt(xp.vecdot(a, a))
-
-
-def _measure(xp: Any, z: Any, fz: Any, rule: StopRule) -> tuple[Any, Any, Any, Any]:
-    """Residual ``g``, relative residual, converged flags and finiteness flags."""
-    g = fz - z
-    g_norm = _row_norm(xp, g)
-    f_norm = _row_norm(xp, fz)
-    tiny = _limits(xp, z.dtype)[0]
-    finite = xp.isfinite(g_norm) & xp.isfinite(f_norm)
-    # divide finite values only (inf/inf would warn on NumPy); non-finite samples get NaN
-    safe_f = xp.where(finite, f_norm, xp.ones_like(f_norm))
-    rel = xp.where(finite, g_norm, xp.zeros_like(g_norm)) / xp.maximum(
-        safe_f, xp.asarray(tiny, dtype=z.dtype)
-    )
-    rel = xp.where(finite, rel, xp.full_like(rel, float("nan")))
-    converged = g_norm <= rule.tol * f_norm + rule.atol
-    return g, rel, converged, finite
+def _full(xp: Any, like: Any, code: int) -> Any:
+    return xp.full_like(like, code, dtype=xp.int32)
 
 
 def loop_init(
@@ -83,23 +90,26 @@ def loop_init(
 ) -> LoopState:
     """Evaluate ``f(z0)`` and build the initial state (``z0``: ``(B, n)``)."""
     fz = f(z0)
-    g, rel, converged, finite = _measure(xp, z0, fz, rule)
-    status = xp.where(
-        converged,
-        xp.full_like(rel, int(Status.CONVERGED), dtype=xp.int32),
-        xp.full_like(rel, int(Status.MAX_ITER), dtype=xp.int32),
-    )
-    status = xp.where(finite, status, xp.full_like(status, int(Status.NONFINITE)))
+    m = measure(xp, z0, fz, rule.tol, rule.atol, rule.floor)
+    converged = m.finite & (m.ratio <= 1)  # nothing moved yet: no determinacy test
+    status = xp.where(converged, _full(xp, m.rel, _CONVERGED), _full(xp, m.rel, _MAX_ITER))
+    status = xp.where(m.finite, status, _full(xp, status, _NONFINITE))
     return LoopState(
         z=z0,
-        g=g,
+        g=m.g,
         best_z=xp.asarray(z0, copy=True),  # never hand the caller's array back as the value
-        best_res=rel,
-        active=finite & ~converged,
+        best_res=m.rel,
+        best_ratio=m.ratio,
+        at_best=xp.ones_like(converged),
+        active=status == _MAX_ITER,
         status=status,
         iterations=xp.zeros_like(status),
+        reopened=xp.zeros_like(converged),
         k=0,
-        solver=solver.init(xp, z0, g),
+        z0=z0,
+        g0=m.g,
+        g0_norm=m.g_norm,
+        solver=solver.init(xp, z0, m.g),
     )
 
 
@@ -110,38 +120,69 @@ def propose_point(xp: Any, state: LoopState, solver: FixedPointSolver) -> Any:
 
 
 def record(
-    xp: Any, state: LoopState, solver: FixedPointSolver, rule: StopRule, z: Any, fz: Any
+    xp: Any,
+    state: LoopState,
+    solver: FixedPointSolver,
+    rule: StopRule,
+    z: Any,
+    fz: Any,
+    *,
+    update_solver: bool = True,
 ) -> LoopState:
-    """Record the evaluation ``fz = f(z)``: test, update best, statuses and solver history."""
+    """Record the evaluation ``fz = f(z)``: rule, statuses, best iterate, solver history.
+
+    Stopped samples were evaluated at their returned point (``z == best_z`` there): their
+    residual is updated and their status re-derived, and a converged one that fails the rule
+    now is re-opened.
+    """
     active = state.active
-    g, rel, converged, finite = _measure(xp, z, fz, rule)
-
-    improved = active & (rel < state.best_res)
-    best_z = xp.where(improved[:, None], z, state.best_z)
-    best_res = xp.where(improved, rel, state.best_res)
-
-    newly_converged = active & converged & finite
-    newly_nonfinite = active & ~finite
-    status = xp.where(
-        newly_converged, xp.full_like(state.status, int(Status.CONVERGED)), state.status
+    parked = ~active
+    m = measure(xp, z, fz, rule.tol, rule.atol, rule.floor)
+    holds = m.finite & (m.ratio <= 1)
+    diverged = m.finite & (
+        (holds & runaway(xp, z, m, state.z0, state.g0, rule.tol, rule.atol))
+        | grew(xp, m.g_norm, state.g0_norm)
     )
-    status = xp.where(newly_nonfinite, xp.full_like(status, int(Status.NONFINITE)), status)
+    converged = holds & ~diverged
+
+    improved = active & (m.ratio < state.best_ratio)  # NaN compares False
+    at_best = improved | parked
+    best_z = xp.where(improved[:, None], z, state.best_z)
+    best_res = xp.where(at_best, m.rel, state.best_res)
+    best_ratio = xp.where(at_best, m.ratio, state.best_ratio)
+
+    # active samples that meet nothing stay MAX_ITER; so does a converged sample that stopped
+    # meeting the rule (re-opened); NONFINITE and DIVERGED samples keep their status
+    was_converged = state.status == _CONVERGED
+    fallback = xp.where(active | was_converged, _full(xp, state.status, _MAX_ITER), state.status)
+    status = xp.where(diverged, _full(xp, fallback, _DIVERGED), fallback)
+    status = xp.where(m.finite, status, _full(xp, status, _NONFINITE))
+    status = xp.where(converged, _full(xp, status, _CONVERGED), status)
+    reopened = state.reopened | (parked & (status != state.status))
 
     # the solver only ever records finite data: a sample that just hit NaN/inf is frozen, and
-    # its history must not produce inf arithmetic (and NumPy warnings) in later steps
-    bad = ~finite[:, None]
+    # its history must not produce inf arithmetic in later steps
+    bad = ~m.finite[:, None]
     z_rec = xp.where(bad, state.z, z)
-    g_rec = xp.where(bad, state.g, g)
-    return LoopState(
+    g_rec = xp.where(bad, state.g, m.g)
+    solver_state = (
+        solver.update(xp, state.solver, state.z, state.g, z_rec, g_rec, state.k)
+        if update_solver
+        else state.solver
+    )
+    return state._replace(
         z=z_rec,
         g=g_rec,
         best_z=best_z,
         best_res=best_res,
-        active=active & ~newly_converged & ~newly_nonfinite,
+        best_ratio=best_ratio,
+        at_best=at_best,
+        active=(status == _MAX_ITER) & (active | was_converged),
         status=status,
         iterations=state.iterations + xp.astype(active, state.iterations.dtype),
+        reopened=reopened,
         k=state.k + 1,
-        solver=solver.update(xp, state.solver, state.z, state.g, z_rec, g_rec, state.k),
+        solver=solver_state,
     )
 
 
@@ -153,6 +194,27 @@ def loop_step(
     return record(xp, state, solver, rule, z, f(z))
 
 
+def needs_verification(xp: Any, state: LoopState) -> Any:
+    """Per sample: its last evaluated point is not the point it returns (see :func:`verify`)."""
+    return ~state.at_best
+
+
+def verify(
+    xp: Any, f: Callable[[Any], Any], state: LoopState, solver: FixedPointSolver, rule: StopRule
+) -> LoopState:
+    """Evaluate ``f`` once on the returned batch and re-derive every status there.
+
+    Called by the drivers after the loop when :func:`needs_verification` holds for some
+    sample. Every sample is treated as parked at its returned point: a MAX_ITER sample whose
+    point meets the rule there is CONVERGED, a CONVERGED one that fails it is MAX_ITER.
+    ``k`` counts the call; iteration counts and the solver state are unchanged.
+    """
+    parked = state._replace(active=xp.zeros_like(state.active))
+    z = state.best_z
+    out = record(xp, parked, solver, rule, z, f(z), update_solver=False)
+    return out._replace(active=out.status == _MAX_ITER)
+
+
 def loop_step_all_active(
     xp: Any, f: Callable[[Any], Any], state: LoopState, solver: FixedPointSolver, rule: StopRule
 ) -> tuple[LoopState, bool]:
@@ -161,51 +223,42 @@ def loop_step_all_active(
     Returns the new state and whether every sample is still active.
 
     Same result, bit for bit, with the bookkeeping that only matters once a sample stops
-    skipped. The common step (every sample finite, none converged, every residual below its
-    best) needs no ``(B, n)`` selection at all: nothing is parked, the best iterate *is*
-    ``z``, and the solver records ``z`` and ``g`` as they are. One host read decides; any
-    other step goes through :func:`record`, reusing the same ``f(z)`` (``f`` is still
-    called once). On this project's ``tanh`` problem this cut the eager time outside ``f``
-    per step several-fold (see the benchmark); under JAX the general step is traced instead.
+    skipped. The common step (every sample finite with accurately representable norms,
+    none meeting the residual test, none diverging, every rule ratio below its best) needs
+    no ``(B, n)`` selection at all: nothing is parked, the best iterate *is* ``z``, and the
+    solver records ``z`` and ``g`` as they are. One host read decides; any other step goes
+    through :func:`record`, reusing the same ``f(z)`` (``f`` is still called once). On this
+    project's ``tanh`` problem this cut the eager time outside ``f`` per step several-fold
+    (see the benchmark); under JAX the general step is traced instead.
     """
     z = solver.propose(xp, state.solver, state.z, state.g, state.k)
     fz = f(z)
     g = fz - z
-    g_norm = _row_norm(xp, g)
-    f_norm = _row_norm(xp, fz)
-    # NaN/inf anywhere makes `ok` False (comparisons with NaN are False; an infinite norm
-    # makes the sum infinite). Clipping g_norm keeps inf/inf (a NumPy warning) out of the
-    # division; it changes no finite value.
-    tiny, huge = _limits(xp, z.dtype)
-    rel = xp.minimum(g_norm, huge) / xp.maximum(f_norm, tiny)
-    bound = rule.tol * f_norm + rule.atol if rule.atol else rule.tol * f_norm
-    ok = (g_norm > bound) & (rel < state.best_res) & xp.isfinite(g_norm + f_norm)
+    lo, hi = limits(xp, z.dtype)
+    g_norm, g_safe = plain_norm(xp, g, lo, hi)
+    f_norm, f_safe = plain_norm(xp, fz, lo, hi)
+    # safe rows have g_norm > 0 and f_norm > 0: these are measure()'s values bit for bit
+    rel = g_norm / f_norm
+    ratio = rule_ratio(xp, g_norm, f_norm, rel, rule.tol, rule.atol, rule.floor, z)
+    ok = (
+        g_safe
+        & f_safe
+        & (ratio > 1)
+        & (ratio < state.best_ratio)
+        & ~grew(xp, g_norm, state.g0_norm)
+    )
     if not bool(xp.all(ok)):
         new = record(xp, state, solver, rule, z, fz)
         return new, bool(xp.all(new.active))
-    fast = LoopState(
+    fast = state._replace(
         z=z,
         g=g,
         best_z=z,
         best_res=rel,
-        active=state.active,
-        status=state.status,
+        best_ratio=ratio,
+        at_best=ok,  # all True
         iterations=state.iterations + 1,
         k=state.k + 1,
         solver=solver.update(xp, state.solver, state.z, state.g, z, g, state.k),
     )
     return fast, True
-
-
-_LIMITS: dict[tuple[str, str, str], tuple[float, float]] = {}
-
-
-def _limits(xp: Any, dtype: Any) -> tuple[float, float]:
-    """``(finfo.smallest_normal, finfo.max)`` of ``dtype``, cached (``finfo`` is slow)."""
-    # keyed by strings: dtype objects of different libraries must never be compared
-    key = (type(dtype).__module__, type(dtype).__qualname__, str(dtype))
-    value = _LIMITS.get(key)
-    if value is None:
-        info = xp.finfo(dtype)
-        value = _LIMITS[key] = (float(info.smallest_normal), float(info.max))
-    return value

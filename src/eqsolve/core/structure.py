@@ -7,13 +7,22 @@ user's state to that view and back:
 * a tuple/list of arrays sharing the batch axis (the multi-resolution feature maps of a
   multiscale DEQ): each is flattened per sample and the pieces are concatenated;
 * ``batch_axis=None``: the whole state is one system, viewed as ``(1, N)``.
+
+``batch_axis="auto"`` (the default of every entry point) is ``0`` when every array of the
+state has at least 2 dimensions (a ``(B, d)`` batch, ``(B, C, H, W)`` feature maps) and
+``None`` otherwise: a 1-D or 0-D state -- what a scipy or optimistix user passes -- is one
+system, never a batch of independent scalars (solving a coupled ``A @ z + c`` entry by entry
+would report each entry converged at a wrong point).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+#: ``batch_axis`` type of the public entry points
+BatchAxis = int | None | Literal["auto"]
 
 
 @dataclass(frozen=True)
@@ -73,16 +82,25 @@ class Structure:
         return self.container(leaves)
 
 
-def structure_of(z0: Any, batch_axis: int | None) -> Structure:
+def resolve_batch_axis(z0: Any, batch_axis: BatchAxis) -> int | None:
+    """``batch_axis`` with ``"auto"`` decided for ``z0`` (see the module docstring)."""
+    if batch_axis != "auto":
+        return batch_axis
+    leaves = z0 if isinstance(z0, (tuple, list)) else [z0]
+    return 0 if leaves and all(len(leaf.shape) >= 2 for leaf in leaves) else None
+
+
+def structure_of(z0: Any, batch_axis: BatchAxis) -> Structure:
     """Describe ``z0`` (array or tuple/list of arrays) for :class:`Structure`.
 
     Raises:
         ValueError: empty sequence, a batch axis out of range for a leaf, leaves with
             different batch sizes, or a 0-d leaf with a batch axis.
     """
+    if isinstance(z0, (tuple, list)) and len(z0) == 0:
+        raise ValueError("z0 is an empty sequence; it needs at least one array")
+    batch_axis = resolve_batch_axis(z0, batch_axis)
     if isinstance(z0, (tuple, list)):
-        if len(z0) == 0:
-            raise ValueError("z0 is an empty sequence; it needs at least one array")
         container: type | None = type(z0) if type(z0) in (tuple, list) else tuple
         leaves: Sequence[Any] = z0
     else:

@@ -13,6 +13,36 @@ from .structure import Structure
 
 ON_FAILURE = ("warn", "raise", "ignore")
 
+#: iteration counts are int32 on every backend (JAX's loop counter is one): ``nfev`` =
+#: ``max_iter + 2`` (a final verification call included) must fit
+MAX_ITER_LIMIT = 2**31 - 3
+
+
+def check_max_iter(max_iter: Any, name: str = "max_iter") -> int:
+    """An int in ``[1, MAX_ITER_LIMIT]``; the error names the argument."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(max_iter).__name__}")
+    max_iter = int(max_iter)
+    if max_iter < 1:
+        raise ValueError(f"{name} must be >= 1, got {max_iter}")
+    if max_iter > MAX_ITER_LIMIT:
+        raise ValueError(
+            f"{name}={max_iter} is too large: iteration counts are int32, so {name} must be "
+            f"<= {MAX_ITER_LIMIT} (2**31 - 3)"
+        )
+    return max_iter
+
+
+def check_batch_axis(batch_axis: Any) -> None:
+    """``batch_axis``: an int, ``None`` or ``"auto"``."""
+    if batch_axis is None or batch_axis == "auto":
+        return
+    if isinstance(batch_axis, bool) or not isinstance(batch_axis, int):
+        raise TypeError(
+            f"batch_axis must be an int, None or 'auto', got {type(batch_axis).__name__} "
+            f"{batch_axis!r}"
+        )
+
 
 def check_arguments(
     f: Any, tol: Any, atol: Any, max_iter: Any, on_failure: Any, batch_axis: Any
@@ -27,14 +57,10 @@ def check_arguments(
         if math.isnan(value) or math.isinf(value) or value < 0 or (strict and value == 0):
             bound = "> 0" if strict else ">= 0"
             raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
-        raise TypeError(f"max_iter must be an int, got {type(max_iter).__name__}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    check_max_iter(max_iter)
     if on_failure not in ON_FAILURE:
         raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
-    if batch_axis is not None and (isinstance(batch_axis, bool) or not isinstance(batch_axis, int)):
-        raise TypeError(f"batch_axis must be an int or None, got {type(batch_axis).__name__}")
+    check_batch_axis(batch_axis)
 
 
 def check_state_arrays(xp: Any, leaves: list[Any], names: list[str]) -> None:
@@ -53,6 +79,11 @@ def check_state_arrays(xp: Any, leaves: list[Any], names: list[str]) -> None:
             raise ValueError(
                 f"{name} is on device {device_of(leaf)} but {names[0]} on {device_of(first)}"
             )
+    if str(device_of(first)) == "meta":  # torch: shapes without data
+        raise ValueError(
+            f"{names[0] if len(names) == 1 else 'z0'} is on the 'meta' device, which holds "
+            "shapes but no values; fixed_point needs real data: create z0 on 'cpu' or 'cuda'"
+        )
 
 
 def check_f_output(xp: Any, fz: Any, z: Any, structure: Structure) -> None:

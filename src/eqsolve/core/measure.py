@@ -1,0 +1,183 @@
+"""The stopping rule's arithmetic: residual norms, the rule's ratio, and the divergence tests.
+
+Everything that decides whether a sample has converged is computed here, once, and used by
+the loop's general step, its eager fast path, the final verification and (through the loop)
+every backend and the adjoint solves. Per sample ``b`` of the ``(B, n)`` view, at an
+evaluated point ``z`` with ``g = f(z) - z``:
+
+**Residual test**
+
+    ||g|| <= tol * ||f(z)|| + atol                                   (2-norms per sample)
+
+measured by the *rule ratio* ``q = ||g|| / (tol ||f(z)|| + atol)``: the test holds iff
+``q <= 1``, and the solver keeps, per sample, the iterate with the lowest ``q`` (with
+``atol = 0`` that is the lowest relative residual ``||g|| / ||f(z)||``). Choosing the best
+iterate by the rule's own measure is what makes the returned point the one that met it.
+
+**Determinacy test** (divergence). A relative rule can be met by running away: for
+``f(z) = z + 1 + 0.1 sin z`` the residual stays ~1 while ``||f(z)||`` grows, and at
+``||z|| ~ 1e6`` the residual test holds with ``tol = 1e-6`` although there is no fixed point.
+The loop therefore also asks whether the fixed point that the test claims is determined.
+With ``z0, g0`` the initial point and residual, the secant ``sigma = ||g - g0|| / ||z - z0||``
+estimates how fast the residual changes along the path (for a contraction with constant
+``L``, ``sigma >= 1 - L``; for a linear map it is ``||(I - J)(z - z0)|| / ||z - z0||``), so
+``||g|| / sigma`` estimates the distance from ``z`` to a fixed point. A point where the
+residual test holds is accepted only if that estimate is within the solution's own scale:
+
+    ||g|| * ||z - z0|| <= (||f(z)|| + atol / tol) * ||g - g0||
+
+A map whose residual barely changes while the iterate moves far (``sigma < tol``: no fixed
+point, or one not determined to the tolerance) fails it; for any map with ``sigma >= tol``
+on the path it always holds. A second divergence test needs no candidate point: the
+residual growing by more than :data:`RESIDUAL_GROWTH` over its initial value.
+
+**Norms that neither underflow nor overflow.** ``sqrt(<a, a>)`` loses every entry below
+``sqrt(smallest normal)`` (1e-154 in float64, 1e-19 in float32; XLA on the CPU even flushes
+subnormal squares to zero) and overflows above ``sqrt(max)``. Rows whose sum of squares is
+within ``[sqrt(smallest normal), max]`` are accurate as they are (each lost square is below
+``smallest normal``, a relative error under ``n sqrt(smallest normal)``); other rows are
+recomputed max-scaled (:func:`~eqsolve.core._xp.scaled_norm`), so a state of 1e-170 or
+1e200 entries is measured exactly like one of 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ._xp import scaled_norm
+
+#: a residual this many times larger than the initial one is reported as DIVERGED
+RESIDUAL_GROWTH = 1e10
+
+_LIMITS: dict[tuple[str, str, str], tuple[float, float]] = {}
+
+
+def limits(xp: Any, dtype: Any) -> tuple[float, float]:
+    """``(sqrt(finfo.smallest_normal), finfo.max)`` of ``dtype``, cached (``finfo`` is slow).
+
+    A sum of squares within these bounds gives an accurate 2-norm without rescaling.
+    """
+    # keyed by strings: dtype objects of different libraries must never be compared
+    key = (type(dtype).__module__, type(dtype).__qualname__, str(dtype))
+    value = _LIMITS.get(key)
+    if value is None:
+        info = xp.finfo(dtype)
+        value = _LIMITS[key] = (float(info.smallest_normal) ** 0.5, float(info.max))
+    return value
+
+
+def plain_norm(xp: Any, a: Any, lo: float, hi: float) -> tuple[Any, Any]:
+    """``(sqrt(<a_b, a_b>), safe)`` per row: the fast norm and whether it is accurate."""
+    ss = xp.vecdot(a, a)
+    return xp.sqrt(ss), (ss >= lo) & (ss <= hi)
+
+
+def robust_norm(xp: Any, a: Any) -> Any:
+    """Per-row 2-norm of ``a`` ``(B, n)``, exact for any representable entries.
+
+    The plain norm where it is accurate (bit for bit what the eager fast path computes),
+    the max-scaled one elsewhere. NaN/inf entries give a non-finite norm.
+    """
+    lo, hi = limits(xp, a.dtype)
+    plain, safe = plain_norm(xp, a, lo, hi)
+    return xp.where(safe, plain, scaled_norm(xp, a))
+
+
+def _safe(xp: Any, den: Any) -> tuple[Any, Any]:
+    """``(ok, den with 1 where not ok)``: ``ok`` where ``den`` is finite and > 0 (NumPy then
+    never warns dividing by it)."""
+    ok = (den > 0) & (den < float("inf"))
+    return ok, xp.where(ok, den, xp.ones_like(den))
+
+
+def relative(xp: Any, g_norm: Any, f_norm: Any) -> Any:
+    """``||g|| / ||f(z)||``: 0 where ``g = 0``, ``inf`` where only ``f(z)`` is 0 (or inf)."""
+    ok, den = _safe(xp, f_norm)
+    special = xp.where(g_norm == 0, xp.zeros_like(g_norm), xp.full_like(g_norm, float("inf")))
+    return xp.where(ok, g_norm / den, special)
+
+
+def rule_ratio(
+    xp: Any,
+    g_norm: Any,
+    f_norm: Any,
+    rel: Any,
+    tol: float,
+    atol: float,
+    floor: float = 0.0,
+    z: Any = None,
+) -> Any:
+    """``q = ||g|| / (tol ||f(z)|| + atol)``; the residual test holds iff ``q <= 1``.
+
+    With ``atol = 0`` it is ``rel / tol``, which stays exact where ``tol * ||f(z)||`` would
+    underflow (a fixed point of 1e-310 in float64).
+
+    ``floor > 0`` (backends that flush subnormal results to zero, see
+    :func:`flush_floor`; then ``z`` is needed): ``q = (||g|| + floor) / (tol ||f(z)|| +
+    atol)``, so a residual flushed to zero cannot pass for one below the bound; the exact
+    zero fixed point (``z = 0`` and ``f(z) = 0``) still has ``q = 0``.
+    """
+    if atol == 0 and not floor:
+        return rel / tol
+    ok, den = _safe(xp, tol * f_norm + atol)
+    ratio = xp.where(ok, (g_norm + floor) / den, xp.full_like(g_norm, float("inf")))
+    if floor:
+        zero = (f_norm == 0) & (xp.max(xp.abs(z), axis=1) == 0)
+        ratio = xp.where(zero, xp.zeros_like(ratio), ratio)
+    return ratio
+
+
+def flush_floor(xp: Any, dtype: Any, n: int) -> float:
+    """How much a flush-to-zero backend can hide of a residual norm: ``sqrt(n)`` times the
+    smallest normal number (every entry below it may have been computed as 0).
+
+    XLA flushes subnormal results on the CPU (and fuses ``f(z) - z`` into one expression,
+    so even the residual of two normal numbers can be flushed): at ``z = 1e-307`` with
+    ``f(z) = 0.9 z`` it computes ``f(z) - z = 0`` and the rule would hold at a point that is
+    not a fixed point. The floor makes the residual test certify only what survived.
+    """
+    return float(n) ** 0.5 * float(xp.finfo(dtype).smallest_normal)
+
+
+class Measures(NamedTuple):
+    """The rule's quantities at one evaluation, per sample (all ``(B,)`` but ``g``)."""
+
+    g: Any  # (B, n) residual f(z) - z
+    g_norm: Any
+    f_norm: Any
+    rel: Any  # relative residual ||g|| / ||f(z)||
+    ratio: Any  # rule ratio q (residual test holds iff q <= 1)
+    finite: Any  # bool: both norms finite (no NaN/inf in f(z) or g)
+
+
+def measure(xp: Any, z: Any, fz: Any, tol: float, atol: float, floor: float = 0.0) -> Measures:
+    """Residual and the rule's quantities for the evaluation ``fz = f(z)``."""
+    g = fz - z
+    g_norm = robust_norm(xp, g)
+    f_norm = robust_norm(xp, fz)
+    rel = relative(xp, g_norm, f_norm)
+    ratio = rule_ratio(xp, g_norm, f_norm, rel, tol, atol, floor, z)
+    finite = xp.isfinite(g_norm) & xp.isfinite(f_norm)
+    return Measures(g, g_norm, f_norm, rel, ratio, finite)
+
+
+def runaway(
+    xp: Any, z: Any, m: Measures, z0: Any, g0: Any, tol: float, atol: float
+) -> Any:
+    """Where the determinacy test fails (see the module docstring), per sample.
+
+    ``||g|| * ||z - z0|| / (||f(z)|| + atol/tol) > ||g - g0||``. False where ``z = z0`` or
+    ``g = 0`` (nothing to estimate / an exact fixed point) and on NaN.
+    """
+    dz = scaled_norm(xp, z - z0)
+    dg = scaled_norm(xp, m.g - g0)
+    ok, scale = _safe(xp, m.f_norm + atol / tol if atol else m.f_norm)
+    # (where the scale is 0 the residual test failed anyway, unless g = 0: no estimate)
+    moved = xp.where(ok & (dz > 0), dz / scale, xp.zeros_like(dz))
+    g_norm = xp.where(m.finite, m.g_norm, xp.zeros_like(m.g_norm))  # NaN/inf rows: no test
+    return g_norm * moved > dg
+
+
+def grew(xp: Any, g_norm: Any, g0_norm: Any) -> Any:
+    """Where the residual has grown more than :data:`RESIDUAL_GROWTH` times its initial size."""
+    return g_norm > RESIDUAL_GROWTH * g0_norm
