@@ -10,9 +10,17 @@ import array_api_compat as aac
 
 from .backends import backend_name_of, get_backend
 from .core.loop import StopRule
-from .core.solution import ConvergenceError, ConvergenceWarning, Solution, Status
+from .core.measure import flush_floor
+from .core.precision import OnGrid, widened, working_dtype
+from .core.solution import (
+    ConvergenceError,
+    ConvergenceWarning,
+    CouplingWarning,
+    Solution,
+    Status,
+)
 from .core.solver_base import FixedPointSolver, make_solver
-from .core.structure import structure_of
+from .core.structure import BatchAxis, structure_of
 from .core.validation import check_arguments, check_f_output, check_state_arrays
 
 
@@ -24,7 +32,7 @@ def solve(
     tol: float = 1e-6,
     atol: float = 0.0,
     max_iter: int = 100,
-    batch_axis: int | None = 0,
+    batch_axis: BatchAxis = "auto",
     backend: str | None = None,
     on_failure: str = "warn",
     sync_stop: Any = None,
@@ -35,36 +43,49 @@ def solve(
     This is the framework-neutral forward solve; :func:`fixed_point` is the same with
     implicit gradients attached on PyTorch (see there).
 
-    Iterates a quasi-Newton fixed-point solver until, for every sample ``b``,
-    ``||f(z_b) - z_b|| <= tol * ||f(z_b)|| + atol`` (2-norms over the sample's entries), or
-    ``max_iter`` updates have been applied. Each sample has its own residual, solver
-    history and convergence flag; a sample that has stopped is frozen, so solving a batch
-    gives each sample the result it gets alone (provided ``f`` treats samples
-    independently).
+    Iterates a quasi-Newton fixed-point solver until, for every sample ``b``, the stopping
+    rule ``||f(z_b) - z_b|| <= tol * ||f(z_b)|| + atol`` holds (2-norms over the sample's
+    entries, computed without underflow or overflow) at a fixed point that is determined
+    (not reached by running away: :attr:`Status.DIVERGED`), or ``max_iter`` updates have
+    been applied. Each sample has its own residual, solver history and convergence flag; a
+    sample that has stopped is frozen, so solving a batch gives each sample the result it
+    gets alone when ``f`` treats samples independently. When it does not, stopped samples
+    are re-checked at every evaluation and re-opened (with a :class:`CouplingWarning`).
+
+    The returned :class:`Solution` keeps one contract: a sample's status is CONVERGED if
+    and only if the rule holds at the returned value, and ``residual`` is that value's
+    relative residual; every other outcome is a status (and eagerly a warning).
 
     Args:
         f: the map, called with (and returning) arrays like ``z0`` of the solve's backend.
             It is evaluated on the whole batch once per iteration.
         z0: initial guess: an array, or a tuple/list of arrays that share the batch axis
-            (the multi-resolution states of a multiscale DEQ). Real floating dtype.
+            (the multi-resolution states of a multiscale DEQ). Real floating dtype;
+            float16/bfloat16 states are iterated in float32 with ``f`` evaluated on points
+            of the state's dtype (see :mod:`eqsolve.core.precision`). ``f`` must return new
+            arrays: writing into its argument raises (NumPy, PyTorch).
         solver: ``"auto"`` (default: Anderson mixing that starts per sample once plain
             iteration contracts slower than 0.4 per step, :class:`eqsolve.AutoAnderson`),
             ``"anderson"`` (textbook Anderson from the first step), ``"broyden"``,
             ``"picard"``, or a configured solver object such as ``eqsolve.Anderson(m=5)``.
         tol: relative tolerance (> 0).
-        atol: absolute tolerance added to the stopping rule (>= 0); useful when the fixed
-            point is ~0, where the relative residual cannot become small.
-        max_iter: maximum number of solver updates (>= 1); ``f`` is called at most
-            ``max_iter + 1`` times.
-        batch_axis: axis of ``z0`` holding independent samples, or ``None`` to treat the
-            whole state as one system.
+        atol: absolute tolerance added to the stopping rule (>= 0); needed when the fixed
+            point is ~0, where the relative residual cannot become small. The best iterate
+            is chosen by the rule's own ratio ``||g|| / (tol ||f(z)|| + atol)``.
+        max_iter: maximum number of solver updates (1 to ``2**31 - 3``); ``f`` is called
+            at most ``max_iter + 2`` times (one final call re-evaluates the returned values
+            when the last evaluated point of some sample is not the one returned).
+        batch_axis: axis of ``z0`` holding independent samples; ``None`` to treat the whole
+            state as one system; ``"auto"`` (default): ``0`` when every array of ``z0`` has
+            at least 2 dimensions, else ``None`` (a 1-D state is one system, as in scipy).
         backend: ``"numpy"``, ``"torch"``, ``"jax"``, ``"cupy"``, ``"array_api_strict"``, or
             ``None`` to use the library of ``z0``. When given, ``z0`` is converted (DLPack
             where possible) and ``f`` receives that backend's arrays.
-        on_failure: when a sample did not converge or hit NaN/inf: ``"warn"`` (a
+        on_failure: when a sample did not converge, diverged or hit NaN/inf: ``"warn"`` (a
             :class:`ConvergenceWarning`), ``"raise"`` (:class:`ConvergenceError`, holding
             the solution) or ``"ignore"``. Under ``jax.jit`` nothing is raised or warned:
-            read ``Solution.status``.
+            read ``Solution.status``. ``"ignore"`` also silences the
+            :class:`CouplingWarning`.
         sync_stop: stop several processes/devices at the same iteration, for an ``f`` that
             contains a collective (each one calls ``f`` ``nfev`` times, the same number
             everywhere; stopped samples stay frozen). ``None`` (default): each stops on its
@@ -87,7 +108,6 @@ def solve(
     """
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
     solver_obj = make_solver(solver, solver_options)
-    rule = StopRule(float(tol), float(atol), int(max_iter))
 
     leaves = list(z0) if isinstance(z0, (tuple, list)) else [z0]
     names = (
@@ -117,24 +137,23 @@ def solve(
     check_state_arrays(xp, leaves, names)
     z0_b = leaves[0] if not isinstance(z0, (tuple, list)) else type(z0)(leaves)
     structure = structure_of(z0_b, batch_axis)
+    f_flat = _flat_map(f, z0_b, structure, be)
 
-    checked = False
+    z_start = structure.flatten(xp, z0_b)
+    wide = working_dtype(xp, z_start.dtype)
+    if wide is not None:  # float16/bfloat16: iterate in float32 on the state's grid
+        low = z_start.dtype
+        f_flat = widened(xp, f_flat, low, wide)
+        z_start, solver_obj = xp.astype(z_start, wide), OnGrid(solver_obj, low)
+    floor = flush_floor(xp, z_start.dtype, structure.n) if be.flushes_subnormals else 0.0
+    rule = StopRule(float(tol), float(atol), int(max_iter), floor)
+    state = be.run(f_flat, z_start, solver_obj, rule, sync_stop=sync_stop)
+    best = state.best_z if wide is None else xp.astype(state.best_z, low)
 
-    def f_flat(zf: Any) -> Any:
-        nonlocal checked
-        z = structure.unflatten(xp, zf)
-        fz = f(z)
-        if not checked:  # the first call (f(z0); under JAX, at trace time) is checked
-            check_f_output(xp, fz, z0_b, structure)
-            checked = True
-        return structure.flatten(xp, fz)
-
-    state = be.run(f_flat, structure.flatten(xp, z0_b), solver_obj, rule, sync_stop=sync_stop)
-
-    per_sample = (lambda a: a) if batch_axis is not None else (lambda a: a[0])
+    per_sample = (lambda a: a) if structure.batch_axes[0] is not None else (lambda a: a[0])
     status = per_sample(state.status)
     sol = Solution(
-        value=structure.unflatten(xp, state.best_z),
+        value=structure.unflatten(xp, best),
         converged=status == int(Status.CONVERGED),
         iterations=per_sample(state.iterations),
         residual=per_sample(state.best_res),
@@ -142,8 +161,49 @@ def solve(
         nfev=state.k + 1,
     )
     if on_failure != "ignore" and not be.is_traced(state.status):
+        report_coupling(xp, per_sample(state.reopened))
         report_failures(xp, sol, on_failure, max_iter)
     return sol
+
+
+def _flat_map(f: Callable[[Any], Any], z0: Any, structure: Any, be: Any) -> Callable[[Any], Any]:
+    """``f`` on the ``(B, n)`` view: unflatten, call, check, flatten.
+
+    The first call (``f(z0)``; under JAX at trace time) checks the output's structure,
+    shapes, dtype and device. Every call checks that ``f`` did not write into its argument:
+    the arrays it receives are the solver's own (its current iterate), so ``z *= 0.5`` in
+    ``f`` would silently corrupt the iteration.
+    """
+    xp = be.xp
+    checked = False
+
+    def f_flat(zf: Any) -> Any:
+        nonlocal checked
+        z = structure.unflatten(xp, zf)
+        given, wrote_into = be.guard_inplace(structure.leaves(z))
+        try:
+            fz = f(given[0] if structure.container is None else structure.container(given))
+        except ValueError as exc:
+            if "read-only" in str(exc):  # NumPy: f wrote into the read-only view it got
+                raise _inplace_error() from exc
+            raise
+        if not checked:
+            check_f_output(xp, fz, z0, structure)
+            checked = True
+        if wrote_into(structure.leaves(fz)):
+            raise _inplace_error()
+        return structure.flatten(xp, fz)
+
+    return f_flat
+
+
+def _inplace_error() -> ValueError:
+    return ValueError(
+        "f modified its argument in place: eqsolve passes f its current iterate and keeps "
+        "using it, so f must return a new array, e.g. `return 0.5 * z + 1` instead of "
+        "`z *= 0.5; z += 1; return z` (on backends that cannot see writes, CuPy and "
+        "array-api-strict, f returning its argument itself is taken as such a write)"
+    )
 
 
 def fixed_point(
@@ -198,12 +258,34 @@ def _runs_on_torch_with_grad(z0: Any, backend: str | None) -> bool:
     return bool(torch.is_grad_enabled())
 
 
+def report_coupling(xp: Any, reopened: Any) -> None:
+    """Eagerly warn (:class:`CouplingWarning`) when stopped samples had to be re-checked."""
+    flags = xp.reshape(reopened, (-1,))
+    n = int(xp.sum(xp.astype(flags, xp.int32)))
+    if n == 0:
+        return
+    warnings.warn(
+        f"f does not treat the samples of the batch independently: {n} of {flags.shape[0]} "
+        "samples that had stopped gave a different stopping-rule result when evaluated again "
+        "at the same point while other samples moved (BatchNorm in the cell, a map acting "
+        "across the batch axis, or a state that is one system). They were re-opened and "
+        "every status holds at the returned values; pass batch_axis=None to solve the batch "
+        "as one system",
+        CouplingWarning,
+        stacklevel=3,
+    )
+
+
 def report_failures(xp: Any, sol: Solution, on_failure: str, max_iter: int) -> None:
+    """Warn (or raise :class:`ConvergenceError`) for samples whose status is not CONVERGED."""
     status = xp.reshape(sol.status, (-1,))
     n = status.shape[0]
-    n_max = int(xp.sum(xp.astype(status == int(Status.MAX_ITER), xp.int32)))
-    n_bad = int(xp.sum(xp.astype(status == int(Status.NONFINITE), xp.int32)))
-    if n_max == 0 and n_bad == 0:
+
+    def count(code: Status) -> int:
+        return int(xp.sum(xp.astype(status == int(code), xp.int32)))
+
+    n_max, n_bad, n_div = count(Status.MAX_ITER), count(Status.NONFINITE), count(Status.DIVERGED)
+    if n_max == 0 and n_bad == 0 and n_div == 0:
         return
     parts = []
     if n_max:
@@ -211,6 +293,12 @@ def report_failures(xp: Any, sol: Solution, on_failure: str, max_iter: int) -> N
         parts.append(
             f"{n_max} of {n} samples did not converge within max_iter={max_iter} "
             f"(largest relative residual {worst:.3g})"
+        )
+    if n_div:
+        parts.append(
+            f"{n_div} of {n} samples diverged (the residual grew without bound, or the "
+            "stopping rule held only because the iterate ran away: no fixed point determined "
+            "to tol there)"
         )
     if n_bad:
         parts.append(

@@ -62,7 +62,8 @@ from ..core.adjoint import (
 from ..core.anderson import Anderson, AndersonState
 from ..core.broyden import Broyden, BroydenState
 from ..core.driver import run_python_loop
-from ..core.loop import LoopState, StopRule
+from ..core.loop import LoopState, StopRule, verify
+from ..core.measure import robust_norm
 from ..core.picard import Picard, PicardState
 from ..core.solution import ConvergenceError, ConvergenceWarning, Solution, Status
 from ..core.solver_base import FixedPointSolver
@@ -294,7 +295,8 @@ def _solver_buffers(
             reg=real(reg),
             max_coeff=real(solver.max_coefficient),
         )
-        return "anderson_step", extra, lambda: AndersonState(X, G, H)
+        # the kernels store G unscaled: inv_scale 1
+        return "anderson_step", extra, lambda: AndersonState(X, G, H, xp.ones((B,), dtype=dtype))
     if isinstance(solver, Broyden):
         U = xp.zeros((B, solver.memory, n), dtype=dtype)
         V = xp.zeros_like(U)
@@ -360,6 +362,7 @@ def run_fused(
         return z_out
 
     fz = evaluate(z)
+    g0 = fz - z
     z_next = step(z, fz, 0)
     k = 0
     n_stopped = common["n_stopped"]
@@ -371,15 +374,22 @@ def run_fused(
         k += 1
         z_next = step(z, fz, k)
     iterations = common["iterations"]
+    active = common["active"] != 0
     return LoopState(
         z=z,
         g=fz - z,
         best_z=common["best_z"],
         best_res=common["best_res"],
-        active=common["active"] != 0,
+        best_ratio=common["best_res"] / real(rule.tol),  # replaced by run_cupy's verification
+        at_best=xp.zeros_like(active),  # the kernels do not track it: verify every row
+        active=active,
         status=common["status"],
         iterations=iterations,
+        reopened=xp.zeros_like(active),
         k=int(xp.max(iterations)),
+        z0=z0,
+        g0=g0,
+        g0_norm=robust_norm(xp, g0),
         solver=final_state(),
     )
 
@@ -395,8 +405,25 @@ def run_cupy(
         ex = cupy_executor()
         with z0.device:
             if use_fused(opts.fused, solver, B, n, dtype, ex.sm_count()):
-                return run_fused(ex, f, z0, solver, rule, sync_every=opts.sync_every)
+                state = run_fused(ex, f, z0, solver, rule, sync_every=opts.sync_every)
+                return certify(xp, f, state, solver, rule)
     return run_python_loop(xp, f, z0, solver, rule)
+
+
+def certify(
+    xp: Any, f: Callable[[Any], Any], state: LoopState, solver: FixedPointSolver, rule: StopRule
+) -> LoopState:
+    """The fused result with every status decided by the core's stopping rule.
+
+    The kernels implement the loop's iteration, but their bookkeeping predates the core's
+    stopping-rule arithmetic (scaled norms, best iterate by the rule's ratio, the
+    determinacy and divergence tests, re-checks of stopped samples). One more evaluation of
+    ``f`` on the returned batch (:func:`~eqsolve.core.loop.verify`) re-derives every status
+    and residual there with the core's code, so the fused path keeps the contract of
+    :class:`~eqsolve.core.solution.Solution`: what it reports CONVERGED meets the rule at
+    the returned value. It costs one call of ``f`` per solve, counted in ``nfev``.
+    """
+    return verify(xp, f, state, solver, rule)
 
 
 # --------------------------------------------------------------------------------------
@@ -589,7 +616,7 @@ def _fixed_point_on(
         raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
     run_options = CupyOptions(fused, sync_every)
     sol = _solve_on(backend, f, z0, fused, sync_every, kwargs)
-    structure = structure_of(sol.value, kwargs.get("batch_axis", 0))
+    structure = structure_of(sol.value, kwargs.get("batch_axis", "auto"))
     pullback = Pullback(
         backend,
         vjp,

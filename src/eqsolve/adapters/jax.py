@@ -58,7 +58,6 @@ import array_api_compat as aac
 import jax
 import jax.numpy as jnp
 
-from ..api import report_failures
 from ..api import solve as _array_fixed_point
 from ..backends.jax import BACKEND, sync_axes
 from ..core.adjoint import (
@@ -71,7 +70,7 @@ from ..core.adjoint import (
 )
 from ..core.solution import ConvergenceWarning, Solution, Status
 from ..core.solver_base import FixedPointSolver
-from ..core.structure import Structure, structure_of
+from ..core.structure import BatchAxis, Structure, structure_of
 from ..core.validation import check_arguments, check_state_arrays
 
 #: implicit (adjoint) methods, solved to ``backward_tol``
@@ -103,7 +102,7 @@ def fixed_point(
     tol: float = 1e-6,
     atol: float = 0.0,
     max_iter: int = 100,
-    batch_axis: int | None = 0,
+    batch_axis: BatchAxis = "auto",
     on_failure: str = "warn",
     backward: str | FixedPointSolver = "anderson",
     backward_tol: float | None = None,
@@ -224,10 +223,12 @@ def fixed_point(
         return conv_f(z, *p[0], *p[1])
 
     def forward(z_init: Any, p: Any) -> tuple[Any, ...]:
+        # eagerly the solve itself reports failures (and coupling); under a transformation
+        # it cannot, and the statuses are in the Solution
         sol = _array_fixed_point(
             lambda z: f_params(z, p), z_init, solver=solver, tol=tol, atol=atol,
-            max_iter=max_iter, batch_axis=batch_axis, on_failure="ignore", sync_stop=sync_stop,
-            **solver_options,
+            max_iter=max_iter, batch_axis=batch_axis, on_failure=on_failure,
+            sync_stop=sync_stop, **solver_options,
         )
         return sol.value, sol.residual, sol.status, sol.iterations, jnp.asarray(sol.nfev)
 
@@ -249,7 +250,7 @@ def fixed_point(
     solve.defvjp(solve_fwd, solve_bwd)
 
     value, residual, status, iterations, nfev = solve(z0, params)
-    sol = Solution(
+    return Solution(
         value=value,
         converged=status == int(Status.CONVERGED),
         iterations=iterations,
@@ -257,9 +258,6 @@ def fixed_point(
         status=status,
         nfev=nfev,
     )
-    if on_failure != "ignore" and not BACKEND.is_traced(status):
-        report_failures(jnp, sol, on_failure, max_iter)
-    return sol
 
 
 def _backward(

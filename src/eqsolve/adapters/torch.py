@@ -8,9 +8,10 @@ How the graph is built (the "Distributed use" recipe of the design notes):
 2. **One differentiable call of f.** When grad mode is on, ``f`` is called once more at the
    solution, on a fresh leaf ``z_leaf = z*.detach().requires_grad_()`` (flattened per
    sample to the solver's ``(B, n)`` view, then restored to the user's structure, so
-   multi-scale tuple states work). The returned value is this ``f(z*)``: equal to ``z*``
-   to the solver tolerance, and it carries ``f``'s graph to every tensor ``f`` uses
-   (closed-over ``nn.Module`` parameters, inputs ``x``).
+   multi-scale tuple states work). This ``f(z*)`` carries ``f``'s graph to every tensor
+   ``f`` uses (closed-over ``nn.Module`` parameters, inputs ``x``). The returned value is
+   ``z* + (f(z*) - f(z*).detach())``: ``z*`` bit for bit -- the point whose residual and
+   status the ``Solution`` reports -- with the gradient of ``f(z*)``.
 3. **Implicit backward.** ``f(z*)`` passes through :class:`_ImplicitAdjoint`, a custom
    ``torch.autograd.Function`` that is the identity forward and, backward, maps the
    incoming cotangent ``g`` to the solution ``u`` of the adjoint system
@@ -54,7 +55,8 @@ Inexact, biased gradients (cheaper; documented as such):
 
 * ``backward="phantom"``: ``k`` damped unrolled steps from the detached ``z*``,
   ``z_{i+1} = (1 - lam) z_i + lam f(z_i)``, differentiated by ordinary backprop
-  (Geng et al., "On training implicit models", NeurIPS 2021). The value is ``z_k``.
+  (Geng et al., "On training implicit models", NeurIPS 2021). The value is ``z*`` (as
+  above) carrying the gradient of ``z_k``.
 * ``backward="jfb"``: one step, ``f(z*)`` with ``z*`` detached (Jacobian-free
   backpropagation: Fung et al., "JFB: Jacobian-free backpropagation for implicit networks",
   AAAI 2022); equivalent to ``u = g``, i.e. phantom with ``k = 1, lam = 1``.
@@ -83,7 +85,7 @@ from ..core.adjoint import (
 )
 from ..core.solution import ConvergenceError, ConvergenceWarning, Solution, Status
 from ..core.solver_base import FixedPointSolver, make_solver
-from ..core.structure import Structure, structure_of
+from ..core.structure import BatchAxis, Structure, structure_of
 from ..core.validation import ON_FAILURE
 
 __all__ = ["ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "fixed_point"]
@@ -406,7 +408,7 @@ def fixed_point(
     tol: float = 1e-6,
     atol: float = 0.0,
     max_iter: int = 100,
-    batch_axis: int | None = 0,
+    batch_axis: BatchAxis = "auto",
     backward: str | FixedPointSolver | None = "anderson",
     backward_tol: float | None = None,
     backward_max_iter: int | None = None,
@@ -481,13 +483,12 @@ def fixed_point(
             float16 ``2**-11``) is not reachable, e.g. ``tol=1e-2`` for bfloat16.
 
     Returns:
-        A :class:`eqsolve.Solution`. With grad mode on and ``backward`` not ``None``,
-        ``value`` is ``f(z*)`` (implicit methods and ``"jfb"``; equal to ``z*`` to the
-        forward tolerance) or the phantom iterate ``z_k``, and carries ``grad_fn``; ``nfev``
-        counts these extra calls of ``f``. Otherwise (``torch.no_grad()``, inference mode,
-        or ``backward=None``) ``value`` is the solver's ``z*`` without a graph and no extra
-        call is made. ``converged``, ``iterations``, ``residual`` and ``status`` describe
-        the forward solve.
+        A :class:`eqsolve.Solution` whose ``value`` is always the solver's ``z*`` (the
+        point ``residual`` and ``status`` describe). With grad mode on and ``backward`` not
+        ``None`` it carries ``grad_fn``: the gradient of ``f(z*)`` through the implicit
+        backward (implicit methods and ``"jfb"``) or of the phantom iterate ``z_k``;
+        ``nfev`` counts these extra calls of ``f``. Otherwise (``torch.no_grad()``,
+        inference mode, or ``backward=None``) no extra call is made.
 
     Raises:
         TypeError / ValueError: invalid arguments (naming the argument).
@@ -537,7 +538,7 @@ def fixed_point(
         for _ in range(settings.steps):
             fz = f(z)
             z = fz if lam == 1.0 else _tree_map(lambda a, b: (1.0 - lam) * a + lam * b, z, fz)
-        return sol._replace(value=z, nfev=sol.nfev + settings.steps)
+        return sol._replace(value=_tree_map(_carry_grad, z_star, z), nfev=sol.nfev + settings.steps)
 
     xp = BACKEND.xp
     structure: Structure = structure_of(z_star, batch_axis)
@@ -552,8 +553,19 @@ def fixed_point(
             "if no gradient is wanted."
         )
     link = _AdjointLink(out_flat, z_leaf, settings, float(tol), on_backward, sync_stop)
-    value = structure.unflatten(xp, _ImplicitAdjoint.apply(out_flat, link))
-    return sol._replace(value=value, nfev=sol.nfev + 1)
+    carrier = structure.unflatten(xp, _ImplicitAdjoint.apply(out_flat, link))
+    return sol._replace(value=_tree_map(_carry_grad, z_star, carrier), nfev=sol.nfev + 1)
+
+
+def _carry_grad(value: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
+    """``value`` exactly (the solver's ``z*``), with the gradient of ``carrier``.
+
+    ``carrier`` is ``f(z*)`` (or the phantom iterate): the tensor whose graph gives the
+    chosen backward. ``carrier - carrier.detach()`` is exactly zero in floating point, so
+    the returned tensor is ``z*`` bit for bit -- the point whose residual ``Solution``
+    reports -- while its gradient is that of ``carrier``.
+    """
+    return value + (carrier - carrier.detach())
 
 
 class DEQ(nn.Module):
@@ -593,7 +605,7 @@ class DEQ(nn.Module):
         tol: float = 1e-6,
         atol: float = 0.0,
         max_iter: int = 100,
-        batch_axis: int | None = 0,
+        batch_axis: BatchAxis = "auto",
         backward: str | FixedPointSolver | None = "anderson",
         backward_tol: float | None = None,
         backward_max_iter: int | None = None,

@@ -10,8 +10,14 @@ Each backend module (``numpy``, ``torch``, ``jax``, ``cupy``, ``array_api_strict
   the final ``LoopState`` (a Python loop eagerly, ``lax.while_loop`` under JAX);
   ``sync_stop`` makes several processes/devices stop together (torch: ``True`` or a
   ``torch.distributed`` process group; jax: mapped axis name(s); elsewhere unsupported);
+* ``flushes_subnormals``: whether its arithmetic may flush subnormal results to zero (XLA
+  does), so the stopping rule must not trust residuals below the smallest normal number;
 * ``is_traced(x)``: whether ``x`` is an abstract value under a JAX transformation (no host
-  reads, no warnings then).
+  reads, no warnings then);
+* ``guard_inplace(leaves)``: the arrays to hand ``f`` instead of ``leaves`` and a test
+  ``wrote_into(outputs) -> bool`` telling, after the call, whether ``f`` wrote into them
+  (NumPy: read-only views, a write raises; PyTorch: version counters; JAX: immutable;
+  CuPy, array-api-strict: ``f`` returning its argument itself).
 
 Importing ``eqsolve`` imports none of the frameworks: a backend module is imported the first
 time it is asked for, and a missing package gives an error that says what to install.
@@ -40,6 +46,7 @@ BACKEND_NAMES: tuple[str, ...] = tuple(_PACKAGES)
 class Backend(Protocol):
     name: str
     xp: Any
+    flushes_subnormals: bool
 
     def convert(self, x: Any) -> Any: ...
 
@@ -48,6 +55,14 @@ class Backend(Protocol):
     ) -> Any: ...
 
     def is_traced(self, x: Any) -> bool: ...
+
+    def guard_inplace(self, leaves: list[Any]) -> tuple[list[Any], Callable[[list[Any]], bool]]: ...
+
+
+def never_written(outputs: list[Any]) -> bool:
+    """``guard_inplace``'s test where a write cannot happen unnoticed (it raises, or arrays
+    are immutable)."""
+    return False
 
 
 class BackendUnavailableError(ModuleNotFoundError):

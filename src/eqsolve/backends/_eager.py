@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
 
 from ..core.driver import run_python_loop, run_python_loop_synced
 from ..core.loop import LoopState, StopRule
@@ -15,6 +18,11 @@ class EagerBackend:
 
     name: str
     xp: Any
+    #: the array library computes with NumPy, whose floating-point warnings are meaningless
+    #: inside the solver (overflow/underflow/NaN are measured and become statuses)
+    numpy_arithmetic: bool = False
+    #: NumPy, PyTorch and CuPy keep gradual underflow by default
+    flushes_subnormals: bool = False
 
     def run(
         self,
@@ -26,9 +34,25 @@ class EagerBackend:
     ) -> LoopState:
         """Run the loop to the end; ``sync_stop`` (see :meth:`stop_reducer`) shares the stop."""
         any_active = self.stop_reducer(sync_stop)
-        if any_active is None:
-            return run_python_loop(self.xp, f, z0, solver, rule)
-        return run_python_loop_synced(self.xp, f, z0, solver, rule, any_active)
+        with self._quiet_solver(f) as f_user:
+            if any_active is None:
+                return run_python_loop(self.xp, f_user, z0, solver, rule)
+            return run_python_loop_synced(self.xp, f_user, z0, solver, rule, any_active)
+
+    @contextlib.contextmanager
+    def _quiet_solver(self, f: Callable[[Any], Any]) -> Iterator[Callable[[Any], Any]]:
+        """NumPy warnings off for the solver's own arithmetic, as the caller set them in ``f``."""
+        if not self.numpy_arithmetic:
+            yield f
+            return
+        caller = np.geterr()
+
+        def f_user(z: Any) -> Any:
+            with np.errstate(**caller):
+                return f(z)
+
+        with np.errstate(all="ignore"):
+            yield f_user
 
     def stop_reducer(self, sync_stop: Any) -> Callable[[Any], bool] | None:
         """The cross-process ``any(active)`` for ``sync_stop``, or ``None`` (stop locally).
@@ -46,3 +70,11 @@ class EagerBackend:
 
     def is_traced(self, x: Any) -> bool:
         return False  # eager arrays are always concrete
+
+    def guard_inplace(self, leaves: list[Any]) -> tuple[list[Any], Callable[[list[Any]], bool]]:
+        """Where writes cannot be seen: ``f`` returning its argument itself counts as one."""
+
+        def wrote_into(outputs: list[Any]) -> bool:
+            return any(out is inp for out, inp in zip(outputs, leaves, strict=False))
+
+        return leaves, wrote_into

@@ -16,6 +16,7 @@ from ._eager import EagerBackend
 
 class ArrayApiStrictBackend(EagerBackend):
     name = "array_api_strict"
+    numpy_arithmetic = True
     xp = xp
 
     def convert(self, x: Any) -> Any:

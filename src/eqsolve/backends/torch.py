@@ -100,6 +100,15 @@ class TorchBackend(EagerBackend):
 
             return torch.asarray(np.asarray(x))
 
+    def guard_inplace(self, leaves: list[Any]) -> tuple[list[Any], Callable[[list[Any]], bool]]:
+        """Version counters: every in-place operation on a tensor increments its ``_version``."""
+        versions = [leaf._version for leaf in leaves]
+
+        def wrote_into(outputs: list[Any]) -> bool:
+            return any(leaf._version != v for leaf, v in zip(leaves, versions, strict=True))
+
+        return leaves, wrote_into
+
     def stop_reducer(self, sync_stop: Any) -> Callable[[Any], bool] | None:
         """``any(active)`` all-reduced (MAX) over the group of ``sync_stop``.
 
@@ -126,8 +135,10 @@ class TorchBackend(EagerBackend):
         rule: StopRule,
         sync_stop: Any = None,
     ) -> LoopState:
-        # the loop never builds a graph, and copies of z0 must not inherit requires_grad
-        z0 = z0.detach()
+        # the loop never builds a graph, and copies of z0 must not inherit requires_grad; a
+        # private copy, because a write of f into its argument is only seen after the call
+        # (guard_inplace), and the caller's z0 must not have changed by then
+        z0 = z0.detach().clone()
         device_type = z0.device.type
         amp_dtype = autocast_dtype(device_type)
         with torch.no_grad():
