@@ -26,13 +26,18 @@ def general_only(xp, f, z0, solver, rule):
     state = core_loop.loop_init(xp, f, z0, solver, rule)
     while state.k < rule.max_iter and bool(xp.any(state.active)):
         state = core_loop.loop_step(xp, f, state, solver, rule)
+    if bool(xp.any(core_loop.needs_verification(xp, state))):
+        state = core_loop.verify(xp, f, state, solver, rule)
     return state
 
 
 def _fields(state) -> dict[str, np.ndarray]:
     return {
         name: to_numpy(getattr(state, name))
-        for name in ("z", "g", "best_z", "best_res", "active", "status", "iterations")
+        for name in (
+            "z", "g", "best_z", "best_res", "best_ratio", "at_best", "active", "status",
+            "iterations", "reopened", "k",
+        )
     }
 
 

@@ -59,7 +59,8 @@ def test_valid_call_works(backend):
     sol = eqsolve.fixed_point(f, _z0(backend), solver="picard", tol=1e-10, max_iter=100)
     assert bool(np.all(to_numpy(sol.converged)))
     np.testing.assert_allclose(to_numpy(sol.value), 2.0, rtol=1e-8)
-    assert f.calls >= 2
+    # an eager JAX solve traces f once and runs the compiled loop; elsewhere f runs per step
+    assert f.calls >= (1 if backend == "jax" else 2)
 
 
 # --------------------------------------------------------------------------- f
@@ -263,20 +264,24 @@ def test_batch_axis_out_of_range(backend, axis):
         eqsolve.fixed_point(CountingMap(), _z0(backend), batch_axis=axis)
 
 
-@pytest.mark.parametrize("axis", [1.0, True, "0"])
+@pytest.mark.parametrize("axis", [1.0, True, "0", "Auto"])
 def test_batch_axis_wrong_type(axis):
-    with pytest.raises(TypeError, match=r"batch_axis must be an int or None"):
+    with pytest.raises(TypeError, match=r"batch_axis must be an int, None or 'auto'"):
         eqsolve.fixed_point(CountingMap(), np.zeros((B, D)), batch_axis=axis)
 
 
-def test_zero_dim_z0_needs_batch_axis_none(backend):
+def test_zero_dim_z0_with_batch_axis_0_is_an_error(backend):
     xp = get_backend(backend).xp
     z0 = xp.zeros((), dtype=xp.float64)  # (np.ascontiguousarray would make it 1-d)
     with pytest.raises(ValueError, match=r"z0 is 0-d but batch_axis=0"):
-        eqsolve.fixed_point(CountingMap(), z0)
+        eqsolve.fixed_point(CountingMap(), z0, batch_axis=0)
     if backend != "jax":  # (positive control; a 0-d JAX solve costs a ~3 s compile)
-        sol = eqsolve.fixed_point(CountingMap(), z0, batch_axis=None, tol=1e-10, solver="picard")
-        assert bool(to_numpy(sol.converged))
+        # the default batch_axis="auto" solves a 0-d state as one system, like None
+        for axis in (None, "auto"):
+            sol = eqsolve.fixed_point(
+                CountingMap(), z0, batch_axis=axis, tol=1e-10, solver="picard"
+            )
+            assert bool(to_numpy(sol.converged)) and sol.status.shape == ()
 
 
 # --------------------------------------------------------------------------- scalar arguments
