@@ -34,7 +34,7 @@ if "jax" in AVAILABLE:
 # compiles every example, so it gets fewer.
 SETTINGS = {
     mode: settings(
-        max_examples=5 if mode.startswith("jax") else 14,
+        max_examples=4 if mode.startswith("jax") else 14,
         deadline=None,
         derandomize=True,
         database=None,

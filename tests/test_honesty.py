@@ -209,7 +209,8 @@ def test_coupled_samples_with_a_short_budget(mode, solver):
     c = rng.standard_normal((B, n)) * np.array([[1e-6], [1.0], [1.0], [1e3], [0.0]])
     backend = "jax" if mode.startswith("jax") else mode
     Ab, Pb, cb = (from_numpy(a, backend) for a in (A.T.copy(), P, c))
-    for max_iter in (2, 5, 9, 30):
+    # (JAX compiles every budget: fewer there)
+    for max_iter in (2, 9, 30) if mode.startswith("jax") else (2, 5, 9, 30):
         sol = _run(mode, lambda z: z @ Ab + Pb @ z + cb, np.zeros((B, n)), solver=solver,
                    tol=1e-8, max_iter=max_iter)
         check_contract(sol, lambda v: v @ A.T + P @ v + c, tol=1e-8, atol=0.0, dtype="float64")
