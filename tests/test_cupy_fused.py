@@ -587,3 +587,43 @@ def test_gpu_dlpack_without_copies():
     sol = ec.solve(lambda z: seen.append(type(z)) or (0.5 * z + 1.0), t, tol=1e-12)
     assert seen[0].__module__.startswith("cupy")
     np.testing.assert_allclose(to_numpy(sol.value), 2.0, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------
+# certification: the core's stopping rule decides the fused path's statuses
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["picard", "anderson", "broyden"])
+def test_certified_fused_results_keep_the_contract(name):
+    """The kernels' own bookkeeping knows no determinacy test and picks the best iterate by
+    the relative residual; ``certify`` (what ``run_cupy`` does after the fused loop) makes
+    the statuses the core's: the run-away map is DIVERGED, a zero fixed point with atol is
+    judged at the returned value, and an ordinary solve is unchanged."""
+    from contract import DIVERGED, check_contract
+    from eqsolve.core.solution import Solution
+
+    def certified(f, z0, rule):
+        state = ac.run_fused(ac.ReferenceExecutor(), f, z0, SOLVERS[name], rule)
+        out = ac.certify(np, f, state, SOLVERS[name], rule)
+        assert not out.reopened.any()  # the kernels' own claims are not "coupling"
+        return out, Solution(out.best_z, out.status == 0, out.iterations, out.best_res,
+                             out.status, out.k + 1)
+
+    def runaway(z):
+        return z + 1.0 + 0.1 * np.sin(z)
+
+    _, sol = certified(runaway, np.zeros((2, 1)), StopRule(1e-6, 0.0, 2000))
+    out = check_contract(sol, runaway, tol=1e-6, atol=0.0, dtype="float64")
+    assert (out["status"] != 0).all()
+    if name != "picard":
+        assert (out["status"] == DIVERGED).all()
+
+    A = 0.6 * np.linalg.qr(np.random.default_rng(0).standard_normal((5, 5)))[0]
+    _, sol = certified(lambda z: z @ A.T, np.ones((3, 5)), StopRule(1e-8, 1e-8, 200))
+    check_contract(sol, lambda v: v @ A.T, tol=1e-8, atol=1e-8, dtype="float64")
+
+    cell, z0 = _problem("float64")
+    state, sol = certified(cell, z0, StopRule(1e-10, 0.0, 200))
+    assert (state.status == 0).all()
+    check_contract(sol, cell, tol=1e-10, atol=0.0, dtype="float64")

@@ -421,9 +421,16 @@ def certify(
     ``f`` on the returned batch (:func:`~eqsolve.core.loop.verify`) re-derives every status
     and residual there with the core's code, so the fused path keeps the contract of
     :class:`~eqsolve.core.solution.Solution`: what it reports CONVERGED meets the rule at
-    the returned value. It costs one call of ``f`` per solve, counted in ``nfev``.
+    the returned value. It costs one call of ``f`` per solve, counted in ``nfev``. Every
+    sample is judged as if it claimed convergence now (the kernels apply no determinacy
+    test), and the kernels' own claims do not count as re-opened samples.
     """
-    return verify(xp, f, state, solver, rule)
+    claimed = state.status == int(Status.CONVERGED)
+    unjudged = state._replace(
+        status=xp.where(claimed, xp.full_like(state.status, int(Status.MAX_ITER)), state.status)
+    )
+    out = verify(xp, f, unjudged, solver, rule)
+    return out._replace(reopened=xp.zeros_like(out.reopened))
 
 
 # --------------------------------------------------------------------------------------

@@ -137,12 +137,18 @@ def record(
     """
     active = state.active
     parked = ~active
-    m = measure(xp, z, fz, rule.tol, rule.atol, rule.floor)
+    # the determinacy test is taken where a sample newly meets the residual test (a sample
+    # parked as CONVERGED passed it when it stopped); eagerly (k a Python int) host reads
+    # skip work that cannot change the result: the scaled norms where every plain one is
+    # accurate, the determinacy test where no sample newly meets the residual test
+    eager = isinstance(state.k, int)
+    m = measure(xp, z, fz, rule.tol, rule.atol, rule.floor, eager)
     holds = m.finite & (m.ratio <= 1)
-    diverged = m.finite & (
-        (holds & runaway(xp, z, m, state.z0, state.g0, rule.tol, rule.atol))
-        | grew(xp, m.g_norm, state.g0_norm)
-    )
+    claims = holds & (state.status != _CONVERGED)
+    diverged = m.finite & grew(xp, m.g_norm, state.g0_norm)
+    if not eager or bool(xp.any(claims)):
+        away = runaway(xp, z, m, state.z0, state.g0, rule.tol, rule.atol, eager)
+        diverged = diverged | (claims & away)
     converged = holds & ~diverged
 
     improved = active & (m.ratio < state.best_ratio)  # NaN compares False

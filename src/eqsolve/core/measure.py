@@ -72,14 +72,17 @@ def plain_norm(xp: Any, a: Any, lo: float, hi: float) -> tuple[Any, Any]:
     return xp.sqrt(ss), (ss >= lo) & (ss <= hi)
 
 
-def robust_norm(xp: Any, a: Any) -> Any:
+def robust_norm(xp: Any, a: Any, eager: bool = False) -> Any:
     """Per-row 2-norm of ``a`` ``(B, n)``, exact for any representable entries.
 
     The plain norm where it is accurate (bit for bit what the eager fast path computes),
-    the max-scaled one elsewhere. NaN/inf entries give a non-finite norm.
+    the max-scaled one elsewhere. NaN/inf entries give a non-finite norm. ``eager``: one
+    host read skips the scaled norm when every row is accurate (the usual case).
     """
     lo, hi = limits(xp, a.dtype)
     plain, safe = plain_norm(xp, a, lo, hi)
+    if eager and bool(xp.all(safe)):
+        return plain
     return xp.where(safe, plain, scaled_norm(xp, a))
 
 
@@ -150,11 +153,17 @@ class Measures(NamedTuple):
     finite: Any  # bool: both norms finite (no NaN/inf in f(z) or g)
 
 
-def measure(xp: Any, z: Any, fz: Any, tol: float, atol: float, floor: float = 0.0) -> Measures:
-    """Residual and the rule's quantities for the evaluation ``fz = f(z)``."""
+def measure(
+    xp: Any, z: Any, fz: Any, tol: float, atol: float, floor: float = 0.0, eager: bool = False
+) -> Measures:
+    """Residual and the rule's quantities for the evaluation ``fz = f(z)``.
+
+    ``eager``: the arrays are concrete (not traced), so host reads may skip work that
+    cannot change the result (see :func:`robust_norm`).
+    """
     g = fz - z
-    g_norm = robust_norm(xp, g)
-    f_norm = robust_norm(xp, fz)
+    g_norm = robust_norm(xp, g, eager)
+    f_norm = robust_norm(xp, fz, eager)
     rel = relative(xp, g_norm, f_norm)
     ratio = rule_ratio(xp, g_norm, f_norm, rel, tol, atol, floor, z)
     finite = xp.isfinite(g_norm) & xp.isfinite(f_norm)
@@ -162,15 +171,15 @@ def measure(xp: Any, z: Any, fz: Any, tol: float, atol: float, floor: float = 0.
 
 
 def runaway(
-    xp: Any, z: Any, m: Measures, z0: Any, g0: Any, tol: float, atol: float
+    xp: Any, z: Any, m: Measures, z0: Any, g0: Any, tol: float, atol: float, eager: bool = False
 ) -> Any:
     """Where the determinacy test fails (see the module docstring), per sample.
 
     ``||g|| * ||z - z0|| / (||f(z)|| + atol/tol) > ||g - g0||``. False where ``z = z0`` or
     ``g = 0`` (nothing to estimate / an exact fixed point) and on NaN.
     """
-    dz = scaled_norm(xp, z - z0)
-    dg = scaled_norm(xp, m.g - g0)
+    dz = robust_norm(xp, z - z0, eager)
+    dg = robust_norm(xp, m.g - g0, eager)
     ok, scale = _safe(xp, m.f_norm + atol / tol if atol else m.f_norm)
     # (where the scale is 0 the residual test failed anyway, unless g = 0: no estimate)
     moved = xp.where(ok & (dz > 0), dz / scale, xp.zeros_like(dz))
