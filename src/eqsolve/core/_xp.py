@@ -27,6 +27,18 @@ def scaled_norm(xp: Any, x: Any) -> Any:
     return xp.where(ok, scaled, s)
 
 
+def inverse_norm(xp: Any, x: Any) -> Any:
+    """``1 / ||x_b||`` per row (max-scaled norm), or 1 where that norm is 0 or not finite.
+
+    The per-sample factor that brings a vector to unit size before products that would
+    underflow or overflow at its own scale (Anderson's Gram matrix, Broyden's secant pair).
+    """
+    norm = scaled_norm(xp, x)
+    ok = (norm > 0) & (norm < float("inf"))
+    ones = xp.ones_like(norm)
+    return xp.where(ok, 1.0 / xp.where(ok, norm, ones), ones)
+
+
 def set_at(x: Any, index: Any, value: Any) -> Any:
     """``x[index] = value``: in place where ``x`` is writeable, else functionally (JAX).
 

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import array_api_extra as xpx
 
-from ._xp import batch_zeros, device_of, scaled_norm, set_at
+from ._xp import batch_zeros, device_of, inverse_norm, set_at
 from .solver_base import FixedPointSolver, check_positive, register
 
 
@@ -77,9 +77,7 @@ class Anderson(FixedPointSolver):
 
     def init(self, xp: Any, z: Any, g: Any) -> AndersonState:
         B, n = z.shape
-        norm = scaled_norm(xp, g)
-        ok = (norm > 0) & (norm < float("inf"))
-        inv_scale = xp.where(ok, 1.0 / xp.where(ok, norm, xp.ones_like(norm)), xp.ones_like(norm))
+        inv_scale = inverse_norm(xp, g)
         g = g * inv_scale[:, None]
         zeros = batch_zeros(xp, z, (self.m, n))
         X = xpx.at(zeros)[:, 0, ...].set(z)

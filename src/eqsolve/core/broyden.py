@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import array_api_extra as xpx
 
-from ._xp import batch_zeros, device_of, scaled_norm
+from ._xp import batch_zeros, device_of, inverse_norm
 from .solver_base import FixedPointSolver, check_positive, register
 
 
@@ -96,9 +96,7 @@ class Broyden(FixedPointSolver):
         Hg_new = self._apply(xp, state.U, state.V, g_new, mask)
         Hy = Hg_new - state.Hg  # H (g_new - g), by linearity
         # u v^T is invariant under (s, Hy) -> (s, Hy) / c: divide by ||s|| (see the module doc)
-        norm = scaled_norm(xp, s)
-        unit = (norm > 0) & (norm < float("inf"))
-        inv = xp.where(unit, 1.0 / xp.where(unit, norm, xp.ones_like(norm)), xp.ones_like(norm))
+        inv = inverse_norm(xp, s)
         s, Hy = s * inv[:, None], Hy * inv[:, None]
         v = self._apply(xp, state.V, state.U, s, mask)  # H^T s
         denom = xp.vecdot(s, Hy)
