@@ -1,105 +1,45 @@
-"""Fused CuPy solver steps (``eqsolve.adapters.cupy`` and ``cupy_kernels``).
+"""The fused CuPy driver (``eqsolve.backends.cupy.fused``), its options and the CuPy adapter.
 
 Without a GPU (CI, this machine) the fused *driver* -- the host loop that ``eqsolve`` runs on
-CuPy arrays -- is run on NumPy with two stand-ins for the GPU:
-
-* the NumPy reference of each kernel (``cupy_kernels.REFERENCE``), and
-* the CUDA source itself, compiled for the CPU (``cupy_kernels.build_emulator``: threads as
-  fibers, real barriers and warp shuffles),
-
-and compared iterate for iterate with the generic Array-API loop (``core``): every point
-handed to ``f``, per-sample status / iterations / best iterate / residual, and ``nfev``.
-The GPU tests at the end compare the fused CuPy path with the generic CuPy path (float64 to
-1e-12, float32 to 1e-5); they skip, saying so, where no CUDA GPU is available.
+CuPy arrays -- is run on NumPy with the NumPy reference of each kernel
+(``tests/cupy_reference.py``) standing in for the GPU, and compared iterate for iterate with
+the generic Array-API loop (``core``): every point handed to ``f``, per-sample status /
+iterations / best iterate / residual, and ``nfev`` (``tests/cupy_runs.py``). The CUDA source
+itself runs on the CPU in ``test_cupy_emulated.py``. The GPU tests at the end compare the
+fused CuPy path with the generic CuPy path (float64 to 1e-12, float32 to 1e-5); they skip,
+saying so, where no CUDA GPU is available.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import types
 
 import numpy as np
 import pytest
 
 import eqsolve
 from conftest import to_numpy
+from cupy_reference import ReferenceExecutor
+from cupy_runs import (
+    SOLVERS,
+    TOL,
+    TRAJ_ATOL,
+    Recorder,
+    assert_same_run,
+    bad_cell,
+    make_problem,
+    run_both,
+)
 from eqsolve import Anderson, Broyden, Picard, Status
 from eqsolve.adapters import cupy as ac
-from eqsolve.adapters import cupy_kernels as K
+from eqsolve.backends import get_backend
+from eqsolve.backends.cupy import fused as drv
+from eqsolve.backends.cupy import options as opt
 from eqsolve.core.adjoint import adjoint_solve
-from eqsolve.core.driver import run_python_loop
 from eqsolve.core.loop import StopRule
-from problems import tanh_cell
-
-TRAJ_ATOL = {"float64": 1e-12, "float32": 1e-5}
-TOL = {"float64": 1e-10, "float32": 1e-5}
-
-SOLVERS = {
-    "picard": Picard(),
-    "picard-damped": Picard(beta=0.8),
-    "anderson": Anderson(m=5),
-    "anderson-m3-beta": Anderson(m=3, beta=0.7),  # the ring wraps; damped mixing
-    "anderson-safeguard": Anderson(m=4, max_coefficient=1.3),  # some plain steps
-    "broyden": Broyden(memory=30),
-    "broyden-restart": Broyden(memory=4),  # restarts every 4 updates
-}
-
-
-class Recorder:
-    """``f`` that keeps a copy of every point it is given."""
-
-    def __init__(self, f):
-        self.f = f
-        self.inputs: list[np.ndarray] = []
-
-    def __call__(self, z):
-        self.inputs.append(to_numpy(z).copy())
-        return self.f(z)
-
-
-def run_both(executor, f, z0, solver, rule, sync_every=1, f_fused=None):
-    """(generic state, its f inputs, fused state, its f inputs) for one problem.
-
-    ``f_fused``: a separate copy of ``f`` for the fused run when ``f`` has state.
-    """
-    rg, rf = Recorder(f), Recorder(f if f_fused is None else f_fused)
-    gen = run_python_loop(np, rg, z0, solver, rule)
-    fused = ac.run_fused(executor, rf, z0, solver, rule, sync_every=sync_every)
-    return gen, rg.inputs, fused, rf.inputs
-
-
-def assert_same_run(gen, gen_in, fused, fused_in, dtype, sync_every=1):
-    atol = TRAJ_ATOL[dtype]
-    np.testing.assert_array_equal(fused.status, gen.status)
-    np.testing.assert_array_equal(fused.iterations, gen.iterations)
-    np.testing.assert_array_equal(fused.active, gen.active)
-    assert fused.k == gen.k  # nfev = k + 1
-    assert fused.status.dtype == gen.status.dtype == np.int32
-    assert fused.iterations.dtype == np.int32 and fused.best_res.dtype == np.dtype(dtype)
-    np.testing.assert_allclose(fused.best_z, gen.best_z, rtol=0, atol=atol)
-    np.testing.assert_allclose(fused.best_res, gen.best_res, rtol=1e-2, atol=atol)
-    # iterate for iterate: the same points reach f, in the same order
-    assert len(gen_in) == gen.k + 1
-    if sync_every == 1:
-        assert len(fused_in) == len(gen_in)
-    else:  # the host learns late that all stopped: extra calls, on the parked batch only
-        assert len(gen_in) <= len(fused_in) < len(gen_in) + sync_every
-        for extra in fused_in[len(gen_in) :]:
-            np.testing.assert_array_equal(extra, fused.best_z)
-    for i, (a, b) in enumerate(zip(gen_in, fused_in, strict=False)):
-        np.testing.assert_allclose(b, a, rtol=0, atol=atol, err_msg=f"call {i} of f")
-
-
-def _problem(dtype, batch=4, d=16, seed=0):
-    cell = tanh_cell(d=d, batch=batch, seed=seed)
-    z0 = (0.1 * np.random.default_rng(seed + 1).standard_normal(cell.inj.shape)).astype(dtype)
-    return cell, z0
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    try:
-        return K.build_emulator(tmp_path_factory.mktemp("cuda-emu"))
-    except K.EmulatorError as exc:
-        pytest.skip(f"cannot build the CPU emulator of the CUDA kernels: {exc}")
-
 
 # --------------------------------------------------------------------------------------
 # the fused driver on the NumPy reference of each kernel vs the generic loop
@@ -109,60 +49,40 @@ def emulator(tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_reference_matches_generic(name, dtype):
-    cell, z0 = _problem(dtype)
+    cell, z0 = make_problem(dtype)
     rule = StopRule(TOL[dtype], 0.0, 200)
-    gen, gi, fused, fi = run_both(ac.ReferenceExecutor(), cell, z0, SOLVERS[name], rule)
+    gen, gi, fused, fi = run_both(ReferenceExecutor(), cell, z0, SOLVERS[name], rule)
     assert (gen.status == int(Status.CONVERGED)).all()
     assert_same_run(gen, gi, fused, fi, dtype)
-    np.testing.assert_array_equal(z0, _problem(dtype)[1])  # the caller's z0 is untouched
+    np.testing.assert_array_equal(z0, make_problem(dtype)[1])  # the caller's z0 is untouched
     assert not np.shares_memory(fused.best_z, z0)
 
 
 @pytest.mark.parametrize("sync_every", [2, 3, 8])
 @pytest.mark.parametrize("name", ["picard", "anderson", "broyden"])
 def test_sync_every_changes_nothing_but_extra_parked_calls(name, sync_every):
-    cell, z0 = _problem("float64", batch=5)
+    cell, z0 = make_problem("float64", batch=5)
     rule = StopRule(1e-10, 0.0, 200)
     gen, gi, fused, fi = run_both(
-        ac.ReferenceExecutor(), cell, z0, SOLVERS[name], rule, sync_every=sync_every
+        ReferenceExecutor(), cell, z0, SOLVERS[name], rule, sync_every=sync_every
     )
     assert_same_run(gen, gi, fused, fi, "float64", sync_every=sync_every)
-
-
-def _nan_at(cell, row, call, value=np.nan):
-    """``cell`` whose output row ``row`` is ``value`` on the ``call``-th call."""
-    count = [0]
-
-    def f(z):
-        count[0] += 1
-        out = cell(z)
-        if count[0] == call:
-            out = out.copy()
-            out[row, 3] = value
-        return out
-
-    return f
-
-
-def _bad_cell(cell):
-    """Sample 1 gets a NaN on the 3rd call of f (step 2), sample 2 an inf on the 4th."""
-    return _nan_at(_nan_at(cell, 1, 3), 2, 4, np.inf)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", ["picard", "anderson", "broyden", "broyden-restart"])
 def test_freezing_nonfinite_and_converged_at_start(name, dtype):
     """Sample 0 starts at its fixed point, sample 1 hits NaN, sample 2 inf, 3 converges."""
-    cell, z0 = _problem(dtype)
+    cell, z0 = make_problem(dtype)
     z0[0] = cell.reference_fixed_point()[0].astype(dtype)
     rule = StopRule(TOL[dtype], 0.0, 200)
     gen, gi, fused, fi = run_both(
-        ac.ReferenceExecutor(),
-        _bad_cell(cell),
+        ReferenceExecutor(),
+        bad_cell(cell),
         z0,
         SOLVERS[name],
         rule,
-        f_fused=_bad_cell(cell),  # the NaN/inf come on a call count: a fresh copy
+        f_fused=bad_cell(cell),  # the NaN/inf come on a call count: a fresh copy
     )
     assert list(gen.status) == [0, 2, 2, 0]
     assert list(gen.iterations[:3]) == [0, 2, 3]
@@ -172,9 +92,9 @@ def test_freezing_nonfinite_and_converged_at_start(name, dtype):
 
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_max_iter_and_atol(name):
-    cell, z0 = _problem("float64")
+    cell, z0 = make_problem("float64")
     for rule in (StopRule(1e-30, 0.0, 7), StopRule(1e-30, 1e-4, 100)):
-        gen, gi, fused, fi = run_both(ac.ReferenceExecutor(), cell, z0, SOLVERS[name], rule)
+        gen, gi, fused, fi = run_both(ReferenceExecutor(), cell, z0, SOLVERS[name], rule)
         assert_same_run(gen, gi, fused, fi, "float64")
     assert (fused.status == int(Status.CONVERGED)).all()  # the atol rule stopped it
 
@@ -186,7 +106,7 @@ def test_broyden_skips_updates_without_secant_information(name):
     c = np.arange(1.0, 13.0).reshape(3, 4)
     rule = StopRule(1e-3, 0.0, 12)
     gen, gi, fused, fi = run_both(
-        ac.ReferenceExecutor(), lambda z: z + c, np.zeros((3, 4)), SOLVERS[name], rule
+        ReferenceExecutor(), lambda z: z + c, np.zeros((3, 4)), SOLVERS[name], rule
     )
     assert_same_run(gen, gi, fused, fi, "float64")
     assert (gen.status == int(Status.MAX_ITER)).all()
@@ -197,7 +117,7 @@ def test_broyden_skips_updates_without_secant_information(name):
 
 def test_adjoint_solve_on_the_fused_driver():
     """``core.adjoint`` runs its loop on a driver: the fused one gives the same ``u``."""
-    cell, _ = _problem("float64")
+    cell, _ = make_problem("float64")
     z = cell.reference_fixed_point()
     fz = np.tanh(z @ cell.W.T + cell.inj)
     g = np.random.default_rng(3).standard_normal(z.shape)
@@ -206,7 +126,7 @@ def test_adjoint_solve_on_the_fused_driver():
         return ((1 - fz**2) * v) @ cell.W
 
     def driver(f, z0, solver, rule):
-        return ac.run_fused(ac.ReferenceExecutor(), f, z0, solver, rule, sync_every=4)
+        return drv.run_fused(ReferenceExecutor(), f, z0, solver, rule, sync_every=4)
 
     for method in ("anderson", "neumann", "broyden"):
         u_gen, info_gen = adjoint_solve(np, vjp, g, method=method, tol=1e-12)
@@ -217,149 +137,53 @@ def test_adjoint_solve_on_the_fused_driver():
 
 
 # --------------------------------------------------------------------------------------
-# the CUDA source itself, run on the CPU emulator
+# the package's layout: only the backend object needs CuPy and a GPU
 # --------------------------------------------------------------------------------------
 
 
-def test_kernel_table_matches_source():
-    exported = K.parse_exported(K.cuda_source())
-    assert sorted(exported) == sorted(K.exported_names())
-    for kernel, params in K.KERNELS.items():
-        for dtype, (ctype, _) in K.DTYPES.items():
-            text = exported[K.kernel_name(kernel, dtype)]
-            assert text.count(",") + 1 == len(params)
-            assert ("double" in text) == (ctype == "double")
-    assert "#include" not in K.cuda_source()  # NVRTC compiles it as it is
+def test_backend_package_imports_without_cupy():
+    """Only ``backends/cupy/backend.py`` needs CuPy; the driver, options and kernels do not."""
+    code = textwrap.dedent(
+        """
+        import sys
 
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "cupy":
+                    raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
 
-@pytest.mark.parametrize("block", [32, 64])
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name", ["picard", "anderson-m3-beta", "broyden-restart", "broyden"])
-def test_emulated_kernels_match_generic(emulator, name, dtype, block):
-    """n = 40 > 32 threads (strided loops); block 64: a second warp, partly idle."""
-    cell, z0 = _problem(dtype, batch=3, d=40)
-    rule = StopRule(TOL[dtype], 0.0, 100)
-    ex = ac.EmulatorExecutor(emulator, block=block)
-    gen, gi, fused, fi = run_both(ex, cell, z0, SOLVERS[name], rule, sync_every=3)
-    assert_same_run(gen, gi, fused, fi, dtype, sync_every=3)
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name", ["anderson", "anderson-safeguard", "broyden"])
-def test_emulated_kernels_freezing(emulator, name, dtype):
-    cell, z0 = _problem(dtype)
-    z0[0] = cell.reference_fixed_point()[0].astype(dtype)
-    rule = StopRule(TOL[dtype], 0.0, 200)
-    gen, gi, fused, fi = run_both(
-        ac.EmulatorExecutor(emulator),
-        _bad_cell(cell),
-        z0,
-        SOLVERS[name],
-        rule,
-        f_fused=_bad_cell(cell),
+        sys.meta_path.insert(0, Blocker())
+        import numpy as np
+        import eqsolve, eqsolve.cupy
+        from eqsolve.backends.cupy import executor, fused, kernels, options
+        kernels.cuda_source()
+        with eqsolve.cupy.options(fused=False):
+            assert options.current_options().fused is False
+        try:
+            eqsolve.cupy.solve(np.cos, np.zeros((2, 2)))
+        except eqsolve.BackendUnavailableError as exc:
+            assert "pip install 'eqsolve[cupy]'" in str(exc), exc
+        else:
+            raise AssertionError("no BackendUnavailableError")
+        assert not [m for m in sys.modules if m.split(".")[0] == "cupy"]
+        assert "eqsolve.backends.cupy.backend" not in sys.modules
+        print("OK")
+        """
     )
-    assert list(gen.status) == [0, 2, 2, 0]
-    assert_same_run(gen, gi, fused, fi, dtype)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
-def _random_state(kernel, dtype, e, seed=0):
-    """Arguments of one kernel call from a random mid-solve state (sample 1 frozen)."""
-    rng = np.random.default_rng(seed)
-    B, n, hist = 4, 37, 5
-    dt = np.dtype(dtype)
-
-    def r(*shape):
-        return rng.standard_normal(shape).astype(dt)
-
-    args = dict(
-        z=r(B, n),
-        fz=r(B, n),
-        z_out=np.zeros((B, n), dt),
-        best_z=r(B, n),
-        best_res=np.abs(r(B)) + dt.type(0.5),
-        active=np.array([1, 0, 1, 1], np.int32),
-        status=np.ones(B, np.int32),
-        iterations=np.full(B, e - 1, np.int32),
-        n_stopped=np.ones(1, np.int32),
-        n=n,
-        e=e,
-        tol=dt.type(1e-6),
-        atol=dt.type(0),
-        tiny=dt.type(np.finfo(dt).tiny),
-        beta=dt.type(0.9),
-        first=int(e == 0),
-    )
-    args["fz"][3] = args["z"][3]  # sample 3 converges in this call
-    if kernel == "anderson_step":
-        G = r(B, hist, n)
-        args.update(
-            X=r(B, hist, n),
-            G=G,
-            H=np.einsum("bin,bjn->bij", G, G).astype(dt),
-            m=hist,
-            reg=dt.type(1e-8),
-            max_coeff=dt.type(1e4),
-        )
-    elif kernel == "broyden_step":
-        args.update(
-            Zc=r(B, n),
-            Gc=r(B, n),
-            Hg=r(B, n),
-            U=0.1 * r(B, hist, n),
-            V=0.1 * r(B, hist, n),
-            mem=hist,
-            eps=dt.type(np.finfo(dt).eps),
-        )
-    return args
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize(
-    "kernel,e",
-    [
-        ("picard_step", 0),
-        ("picard_step", 4),
-        ("anderson_step", 0),
-        ("anderson_step", 3),
-        ("anderson_step", 12),
-        ("broyden_step", 0),
-        ("broyden_step", 1),
-        ("broyden_step", 4),
-        ("broyden_step", 6),
-        ("broyden_step", 11),
-    ],
-)
-def test_emulated_kernel_equals_reference(emulator, kernel, e, dtype):
-    """One call on a random state: every output and buffer, also of frozen samples.
-
-    Broyden: e=1 first update, e=6 slot 0 = restart (all 5 terms in use), e=11 idem.
-    """
-    ref, emu = _random_state(kernel, dtype, e), _random_state(kernel, dtype, e)
-    ac.ReferenceExecutor().launch(kernel, dtype, 4, ref)
-    emulator.launch(kernel, dtype, 4, 32, emu)
-    atol = 1e-11 if dtype == "float64" else 2e-4
-    for key, want in ref.items():
-        if isinstance(want, np.ndarray):
-            np.testing.assert_allclose(emu[key], want, rtol=1e-5, atol=atol, err_msg=key)
-    assert list(ref["status"]) == [1, 1, 1, 0] and int(ref["n_stopped"][0]) == 2
-
-
-def test_emulator_detects_a_barrier_not_all_threads_reach(tmp_path):
-    """The emulator can fail: ``__syncthreads`` under a thread-dependent branch deadlocks."""
-    code = r"""
-template <typename T> __device__ void eqs_divergent_impl(T* x) {
-    if (threadIdx.x < 16) __syncthreads();
-    x[threadIdx.x] = 1;
-}
-"""
-    try:
-        emu = K.build_emulator(
-            tmp_path, extra_device_code=code, extra_kernels={"divergent": K._params("T* x")}
-        )
-    except K.EmulatorError as exc:
-        pytest.skip(f"cannot build the CPU emulator: {exc}")
-    with pytest.raises(K.EmulatorError, match="deadlock"):
-        emu.launch("divergent", "float64", 1, 32, {"x": np.zeros(32)})
+def test_backend_module_needs_a_gpu(monkeypatch):
+    """CuPy importable but no GPU: the backend module raises, saying so."""
+    if "eqsolve.backends.cupy.backend" in sys.modules:
+        pytest.skip("the CuPy backend is already loaded here (a GPU is available)")
+    stub = types.ModuleType("cupy")
+    stub.cuda = types.SimpleNamespace(is_available=lambda: False)
+    monkeypatch.setitem(sys.modules, "cupy", stub)
+    with pytest.raises(eqsolve.BackendUnavailableError, match="needs a CUDA GPU"):
+        get_backend("cupy")
+    assert "eqsolve.backends.cupy.backend" not in sys.modules
 
 
 # --------------------------------------------------------------------------------------
@@ -371,33 +195,33 @@ def test_selection_rules():
     class MyAnderson(Anderson):
         pass
 
-    assert ac.unsupported_reason(Anderson(m=32), "float32") is None
-    assert "m=33" in ac.unsupported_reason(Anderson(m=33), "float64")
-    assert "memory=40" in ac.unsupported_reason(Broyden(memory=40), "float64")
-    assert "MyAnderson" in ac.unsupported_reason(MyAnderson(), "float64")
-    assert "float16" in ac.unsupported_reason(Picard(), "float16")
+    assert drv.unsupported_reason(Anderson(m=32), "float32") is None
+    assert "m=33" in drv.unsupported_reason(Anderson(m=33), "float64")
+    assert "memory=40" in drv.unsupported_reason(Broyden(memory=40), "float64")
+    assert "MyAnderson" in drv.unsupported_reason(MyAnderson(), "float64")
+    assert "float16" in drv.unsupported_reason(Picard(), "float16")
     a = Anderson()
-    assert ac.use_fused(None, a, 64, 256, "float64", sm_count=132)
-    assert ac.use_fused(None, a, 4096, 1024, "float32", sm_count=132)
-    assert not ac.use_fused(None, a, 8, 10**6, "float64", sm_count=132)  # few long samples
-    assert ac.use_fused(None, a, 264, 10**6, "float64", sm_count=132)
-    assert ac.use_fused(True, a, 8, 10**6, "float64", sm_count=132)
-    assert not ac.use_fused(False, a, 64, 256, "float64", sm_count=132)
-    assert not ac.use_fused(True, MyAnderson(), 64, 256, "float64", sm_count=132)
+    assert drv.use_fused(None, a, 64, 256, "float64", sm_count=132)
+    assert drv.use_fused(None, a, 4096, 1024, "float32", sm_count=132)
+    assert not drv.use_fused(None, a, 8, 10**6, "float64", sm_count=132)  # few long samples
+    assert drv.use_fused(None, a, 264, 10**6, "float64", sm_count=132)
+    assert drv.use_fused(True, a, 8, 10**6, "float64", sm_count=132)
+    assert not drv.use_fused(False, a, 64, 256, "float64", sm_count=132)
+    assert not drv.use_fused(True, MyAnderson(), 64, 256, "float64", sm_count=132)
 
 
 def test_options_context():
-    assert ac.current_options() == ac.CupyOptions(None, 8)
-    with ac.options(fused=False, sync_every=3) as opts:
-        assert opts == ac.CupyOptions(False, 3) == ac.current_options()
-        with ac.options(fused=True):
-            assert ac.current_options() == ac.CupyOptions(True, 8)
-        assert ac.current_options() == ac.CupyOptions(False, 3)
-    assert ac.current_options() == ac.CupyOptions(None, 8)
+    assert opt.current_options() == opt.CupyOptions(None, 8)
+    with opt.options(fused=False, sync_every=3) as opts:
+        assert opts == opt.CupyOptions(False, 3) == opt.current_options()
+        with opt.options(fused=True):
+            assert opt.current_options() == opt.CupyOptions(True, 8)
+        assert opt.current_options() == opt.CupyOptions(False, 3)
+    assert opt.current_options() == opt.CupyOptions(None, 8)
     with pytest.raises(ValueError, match="sync_every"):
-        ac.CupyOptions(None, 0)
+        opt.CupyOptions(None, 0)
     with pytest.raises(TypeError, match="fused"):
-        ac.CupyOptions("yes", 8)
+        opt.CupyOptions("yes", 8)
 
 
 def _tanh_vjp(cell):
@@ -411,7 +235,7 @@ def _tanh_vjp(cell):
 @pytest.mark.parametrize("backward", ["anderson", "neumann", "broyden", "gmres"])
 def test_pullback_matches_dense_adjoint(backward):
     """The implicit-gradient machinery of eqsolve.cupy, run on the NumPy backend."""
-    cell, z0 = _problem("float64")
+    cell, z0 = make_problem("float64")
     sol, pullback = ac._fixed_point_on(
         "numpy", cell, z0, vjp=_tanh_vjp(cell), backward=backward, tol=1e-12
     )
@@ -422,7 +246,7 @@ def test_pullback_matches_dense_adjoint(backward):
 
 
 def test_pullback_batch_axis_and_errors():
-    cell, z0 = _problem("float64")
+    cell, z0 = make_problem("float64")
     vjp = _tanh_vjp(cell)
 
     def vjp_t(z, v):  # the state is (d, batch) here
@@ -446,7 +270,7 @@ def test_pullback_batch_axis_and_errors():
 
 
 def test_pullback_reports_failure():
-    cell, z0 = _problem("float64")
+    cell, z0 = make_problem("float64")
     sol, pullback = ac._fixed_point_on(
         "numpy",
         cell,
@@ -496,7 +320,7 @@ def _gpu_run(f, z0, solver, tol, fused, sync_every=1):
     import cupy
 
     rec = Recorder(f)
-    with ac.options(fused=fused, sync_every=sync_every):
+    with opt.options(fused=fused, sync_every=sync_every):
         sol = eqsolve.solve(rec, cupy.asarray(z0), solver=solver, tol=tol, max_iter=300)
     cupy.cuda.Device().synchronize()
     return sol, rec.inputs
@@ -508,9 +332,9 @@ def _gpu_run(f, z0, solver, tol, fused, sync_every=1):
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_gpu_fused_matches_generic(name, dtype, monkeypatch):
     calls = []
-    real = ac.run_fused
-    monkeypatch.setattr(ac, "run_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cell, z0 = _problem(dtype, batch=64, d=256)
+    real = drv.run_fused
+    monkeypatch.setattr(drv, "run_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cell, z0 = make_problem(dtype, batch=64, d=256)
     tol = TOL[dtype]
     gen, gi = _gpu_run(cell, z0, SOLVERS[name], tol, fused=False)
     assert not calls
@@ -530,10 +354,10 @@ def test_gpu_fused_matches_generic(name, dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("sync_every", [1, 4, 16])
 def test_gpu_sync_every_and_freezing(sync_every):
-    cell, z0 = _problem("float64", batch=8, d=64)
+    cell, z0 = make_problem("float64", batch=8, d=64)
     z0[0] = cell.reference_fixed_point()[0]
-    gen, gi = _gpu_run(_bad_cell(cell), z0, Anderson(), 1e-10, fused=False)
-    fused, fi = _gpu_run(_bad_cell(cell), z0, Anderson(), 1e-10, True, sync_every)
+    gen, gi = _gpu_run(bad_cell(cell), z0, Anderson(), 1e-10, fused=False)
+    fused, fi = _gpu_run(bad_cell(cell), z0, Anderson(), 1e-10, True, sync_every)
     for key in ("status", "iterations"):
         np.testing.assert_array_equal(to_numpy(getattr(fused, key)), to_numpy(getattr(gen, key)))
     assert fused.nfev == gen.nfev and len(gi) <= len(fi) < len(gi) + sync_every
@@ -547,7 +371,7 @@ def test_gpu_fixed_point_tuple_state_and_pullback():
 
     import eqsolve.cupy as ec
 
-    cell, z0 = _problem("float64", batch=16, d=32)
+    cell, z0 = make_problem("float64", batch=16, d=32)
     Wc, injc = cupy.asarray(cell.W), cupy.asarray(cell.inj)
 
     def f(zs):  # the state as two halves (a multi-scale tuple)
@@ -604,11 +428,12 @@ def test_certified_fused_results_keep_the_contract(name):
     from eqsolve.core.solution import Solution
 
     def certified(f, z0, rule):
-        state = ac.run_fused(ac.ReferenceExecutor(), f, z0, SOLVERS[name], rule)
-        out = ac.certify(np, f, state, SOLVERS[name], rule)
+        state = drv.run_fused(ReferenceExecutor(), f, z0, SOLVERS[name], rule)
+        out = drv.certify(np, f, state, SOLVERS[name], rule)
         assert not out.reopened.any()  # the kernels' own claims are not "coupling"
-        return out, Solution(out.best_z, out.status == 0, out.iterations, out.best_res,
-                             out.status, out.k + 1)
+        return out, Solution(
+            out.best_z, out.status == 0, out.iterations, out.best_res, out.status, out.k + 1
+        )
 
     def runaway(z):
         return z + 1.0 + 0.1 * np.sin(z)
@@ -623,7 +448,7 @@ def test_certified_fused_results_keep_the_contract(name):
     _, sol = certified(lambda z: z @ A.T, np.ones((3, 5)), StopRule(1e-8, 1e-8, 200))
     check_contract(sol, lambda v: v @ A.T, tol=1e-8, atol=1e-8, dtype="float64")
 
-    cell, z0 = _problem("float64")
+    cell, z0 = make_problem("float64")
     state, sol = certified(cell, z0, StopRule(1e-10, 0.0, 200))
     assert (state.status == 0).all()
     check_contract(sol, cell, tol=1e-10, atol=0.0, dtype="float64")

@@ -1,9 +1,10 @@
 """The fused CuPy kernels compile: nvcc for several GPU architectures, float and double.
 
 Needs neither CuPy nor a GPU -- only ``nvcc`` on PATH (skipped, saying so, without it).
-``cupy_kernels`` is imported without CuPy, as CI does. Warnings are errors. The last test
-also compiles with NVRTC, the compiler CuPy uses at run time, with CuPy's own options; it
-needs CuPy's NVRTC bindings and the NVRTC library (still no GPU), and skips without them.
+``eqsolve.backends.cupy.kernels`` (``kernels.cu`` and the generated exports) is imported
+without CuPy, as CI does. Warnings are errors. The last test also compiles with NVRTC, the
+compiler CuPy uses at run time, with CuPy's own options; it needs CuPy's NVRTC bindings and the
+NVRTC library (still no GPU), and skips without them.
 
 nvcc 13 supports sm_75 and newer: sm_75 (Turing) is the oldest target checked, sm_80
 (A100) and sm_90 (H100) are the GPUs the benchmarks run on.
@@ -17,7 +18,7 @@ import subprocess
 
 import pytest
 
-from eqsolve.adapters import cupy_kernels as K
+from eqsolve.backends.cupy import kernels as K
 
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(
@@ -73,6 +74,21 @@ def test_nvcc_compiles_each_dtype_alone(tmp_path, ctype):
     assert set(re.findall(rb"\.entry\s+(\w+)", ptx)) == {n.encode() for n in keep}
 
 
+@needs_nvcc
+def test_compiler_messages_point_at_kernels_cu_lines(tmp_path):
+    """``kernels.cu`` is compiled with ``#line`` markers: an error names its own line."""
+    cu = K.device_code().splitlines()
+    bad = next(i for i, line in enumerate(cu) if "eqs_park(const T* bz" in line) + 2
+    assert cu[bad - 1].strip().startswith("for (long long j")  # the body of eqs_park
+    source = K.cuda_source().replace(cu[bad - 1], cu[bad - 1] + " not_a_declared_name;", 1)
+    path = tmp_path / "broken.cu"
+    path.write_text(source)
+    cmd = [NVCC or "nvcc", "-arch=sm_80", "--ptx", "-o", str(tmp_path / "b.ptx"), str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"kernels.cu({bad})" in proc.stderr, proc.stderr
+
+
 def test_nvrtc_compiles_with_cupys_options():
     """NVRTC, as ``cupy.RawModule`` runs it on the GPU machine (no GPU needed to compile)."""
     pytest.importorskip("cupy", reason="cupy is not installed: NVRTC bindings unavailable")
@@ -82,7 +98,7 @@ def test_nvrtc_compiles_with_cupys_options():
         nvrtc.getVersion()
     except Exception as exc:  # the NVRTC shared library is not installed
         pytest.skip(f"NVRTC library not available ({exc}); pip install nvidia-cuda-nvrtc-cu12")
-    prog = nvrtc.createProgram(K.cuda_source(), "eqsolve_kernels.cu", [], [])
+    prog = nvrtc.createProgram(K.cuda_source(), "kernels.cu", [], [])
     try:
         options = ["-arch=compute_80", "-ftz=true", "--device-as-default-execution-space"]
         try:

@@ -6,26 +6,25 @@
 >>> u = pullback(g)        # u = g + J_f(z*)^T u; then dL/dtheta = u^T df/dtheta  # doctest: +SKIP
 
 ``eqsolve.fixed_point`` / ``eqsolve.solve`` on CuPy arrays already take the fused kernels
-(one launch per iteration; see :mod:`eqsolve.adapters.cupy`); :func:`options` changes that
-for a block of code (``fused=False``: the generic Array-API path). Arrays from torch or JAX
-on the GPU go in and out through DLPack without copies (:func:`as_cupy`, :func:`to_torch`,
-:func:`to_jax`). Every solve needs a CUDA GPU: without one, the ``cupy`` backend raises
-:class:`eqsolve.BackendUnavailableError`.
+(one launch per iteration; see :mod:`eqsolve.backends.cupy.fused`); :func:`options` changes
+that for a block of code (``fused=False``: the generic Array-API path). Arrays from torch or
+JAX on the GPU go in and out through DLPack without copies (:func:`as_cupy`,
+:func:`to_torch`, :func:`to_jax`). Every solve needs a CUDA GPU: without one, the ``cupy``
+backend raises :class:`eqsolve.BackendUnavailableError`.
 """
 
 from __future__ import annotations
 
 from .adapters.cupy import (
     ADJOINT_METHODS,
-    CupyOptions,
     Pullback,
     as_cupy,
     fixed_point,
-    options,
     solve,
     to_jax,
     to_torch,
 )
+from .backends.cupy.options import CupyOptions, options
 from .core.adjoint import AdjointInfo
 from .core.solution import ConvergenceError, ConvergenceWarning, Solution, Status
 

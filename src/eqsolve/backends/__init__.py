@@ -1,7 +1,7 @@
 """Array libraries eqsolve can run on, imported lazily.
 
-Each backend module (``numpy``, ``torch``, ``jax``, ``cupy``, ``array_api_strict``) defines a
-``BACKEND`` object with:
+Each backend module (``numpy``, ``torch``, ``jax``, ``array_api_strict``, and ``cupy.backend``
+in the ``cupy`` package) defines a ``BACKEND`` object with:
 
 * ``name``: the backend's name;
 * ``xp``: its Array-API namespace (through array_api_compat);
@@ -41,6 +41,9 @@ _PACKAGES: dict[str, tuple[str, str]] = {
 }
 
 BACKEND_NAMES: tuple[str, ...] = tuple(_PACKAGES)
+
+#: backend name -> its module under this package, where it is not the name itself
+_MODULES: dict[str, str] = {"cupy": "cupy.backend"}
 
 
 class Backend(Protocol):
@@ -86,7 +89,7 @@ def get_backend(name: str) -> Backend:
             f"backend {name!r} needs the package {package!r}, which is not installed; "
             f"install it with: pip install '{extra}'"
         ) from exc
-    module = importlib.import_module(f"{__name__}.{name}")
+    module = importlib.import_module(f"{__name__}.{_MODULES.get(name, name)}")
     backend: Backend = module.BACKEND
     return backend
 

@@ -1,11 +1,14 @@
-"""CuPy backend: fused GPU kernels for the built-in solvers, the generic step otherwise.
+"""The CuPy backend object: fused GPU kernels for the built-in solvers, the generic step otherwise.
 
-``run`` is :func:`eqsolve.adapters.cupy.run_cupy`: Picard, Anderson and Broyden run one fused
-kernel per iteration with a host synchronisation every few iterations; other solvers (and
-``eqsolve.cupy.options(fused=False)``) run the generic Array-API step under the Python loop.
+``run`` is :func:`eqsolve.backends.cupy.fused.run_cupy`: Picard, Anderson and Broyden run one
+fused kernel per iteration with a host synchronisation every few iterations; other solvers
+(and ``eqsolve.cupy.options(fused=False)``) run the generic Array-API step under the Python
+loop.
 
-``import cupy`` succeeds on machines without a GPU; device work then raises. This backend
-therefore checks ``cupy.cuda.is_available()`` when it is first asked for.
+``import cupy`` succeeds on machines without a GPU; device work then raises. This module
+therefore checks ``cupy.cuda.is_available()`` when it is imported (``get_backend("cupy")``)
+and raises :class:`~eqsolve.backends.BackendUnavailableError` without one. It is the only
+module of the package that needs CuPy to import.
 """
 
 from __future__ import annotations
@@ -13,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat.cupy as xp
 import cupy
 
-from . import BackendUnavailableError
+from .. import BackendUnavailableError
 
 if not cupy.cuda.is_available():
     raise BackendUnavailableError(
@@ -24,9 +26,12 @@ if not cupy.cuda.is_available():
     )
 
 
-from ..core.loop import LoopState, StopRule
-from ..core.solver_base import FixedPointSolver
-from ._eager import EagerBackend
+import array_api_compat.cupy as xp
+
+from ...core.loop import LoopState, StopRule
+from ...core.solver_base import FixedPointSolver
+from .._eager import EagerBackend
+from .fused import run_cupy
 
 
 class CupyBackend(EagerBackend):
@@ -43,8 +48,6 @@ class CupyBackend(EagerBackend):
     ) -> LoopState:
         if self.stop_reducer(sync_stop) is not None:  # (raises: no process groups on CuPy)
             return super().run(f, z0, solver, rule, sync_stop)
-        from ..adapters.cupy import run_cupy
-
         return run_cupy(self.xp, f, z0, solver, rule)
 
     def convert(self, x: Any) -> Any:
