@@ -108,7 +108,8 @@ def _pytest(session: nox.Session, backend: str, *extra: str) -> None:
 @nox.session(name="tests-numpy")
 def tests_numpy(session: nox.Session) -> None:
     """Tests on NumPy, with neither torch nor jax installed (plus the doctests)."""
-    # scipy: the numpy peer rows of the benchmark (tests/test_bench_*.py)
+    # scipy: the numpy peer rows of the benchmark (tests/test_bench_*.py, which import the
+    # repository's bench/ package: pyproject's pytest `pythonpath` puts the root on sys.path)
     _install(session, "-e", ".[test]", "pytest-xdist", "scipy")
     _assert_absent(session, "torch", "jax", "cupy")
     _pytest(session, "numpy")
@@ -186,9 +187,14 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The cross-backend benchmark, ``python -m eqsolve.bench`` (arguments after ``--``)."""
+    """The cross-backend benchmark, ``python -m bench`` from this folder (arguments after ``--``).
+
+    The benchmark is the repository's ``bench/`` package, not part of the installed wheel; nox
+    runs from the repository's root, where ``-m bench`` finds it.
+    """
     _install(session, "-e", ".[torch,jax,bench]")
-    session.run("python", "-m", "eqsolve.bench", *session.posargs, env=THREAD_ENV)
+    session.chdir(ROOT)
+    session.run("python", "-m", "bench", *session.posargs, env=THREAD_ENV)
 
 
 @nox.session

@@ -1,7 +1,7 @@
 """Implicit gradients of ``eqsolve.jax.fixed_point``: accuracy and jitted backward time.
 
-For the DEQ cell ``f(z, params, x) = tanh(z W^T + x U^T + b)`` on the problems of
-shared/BENCHMARKS.md -- P1 (``tanh``: d=256, p=64, B=64, ||W||_2 = 0.9) and P4 (``sym``:
+For the DEQ cell ``f(z, params, x) = tanh(z W^T + x U^T + b)`` on the benchmark problems
+(:mod:`bench.problems`) -- P1 (``tanh``: d=256, p=64, B=64, ||W||_2 = 0.9) and P4 (``sym``:
 W = Q diag(linspace(0, 0.99, d)) Q^T, input injection scaled by 0.1) -- in float64 with
 forward tol 1e-8, and loss ``sum(c * z*)`` (``c`` Gaussian), this prints per backward method:
 
@@ -17,7 +17,8 @@ forward tol 1e-8, and loss ``sum(c * z*)`` (``c`` Gaussian), this prints per bac
 bias, not a bug. One thread everywhere (XLA flags and OMP_NUM_THREADS are set before JAX is
 imported): this VM stalls with more.
 
-Usage: python bench/jax_gradients.py [--problems P1,P4] [--methods ...] [--json out.json]
+Usage, from the clone's root: python -m bench.jax_gradients [--problems P1,P4] [--methods ...]
+[--json out.json] (``python bench/jax_gradients.py`` works too).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 ).strip()
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+if __package__ in (None, ""):  # run as a file: import the package bench from the clone's root
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
@@ -43,7 +50,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from eqsolve.bench import problems as bench_problems  # noqa: E402
+from bench import problems as bench_problems  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -55,10 +62,11 @@ MAX_ITER = 1000
 
 
 def make_problem(name: str, d: int = 256, p: int = 64, batch: int = 64, seed: int = 0):
-    """P1 / P4 parameters from eqsolve.bench.problems, and a random cotangent ``c``."""
+    """P1 / P4 parameters from bench.problems, and a random cotangent ``c``."""
     if (d, p, batch) != (256, 64, 64):
-        raise ValueError("eqsolve.bench.problems builds d=256, p=64, B=64 (or size='tiny')")
+        raise ValueError("bench.problems builds d=256, p=64, B=64 (or size='tiny')")
     pr = bench_problems.make_problem({"P1": "tanh", "P4": "sym"}[name], seed=seed)
+    assert isinstance(pr, bench_problems.TanhProblem)
     params = {"W": pr.W, "U": pr.U, "b": pr.b}
     c = np.random.default_rng(seed + 1).standard_normal((batch, d))
     return params, pr.x, c
@@ -95,7 +103,7 @@ def rel_err(grads: dict, ref: dict) -> float:
     return float(np.sqrt(num / den))
 
 
-def timed(fn: Any, *args: Any, repeats: int = 5) -> tuple[float, float, float, Any]:
+def timed(fn: Any, *args: Any, repeats: int = 5) -> tuple[float, float, float, float, Any]:
     """Compile time, then median/min/max wall time of ``repeats`` runs after a warm-up."""
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()

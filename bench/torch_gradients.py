@@ -2,9 +2,11 @@
 
 Usage::
 
-    OMP_NUM_THREADS=1 python bench/torch_gradients.py [--json out.json] [--repeats 5]
+    OMP_NUM_THREADS=1 python -m bench.torch_gradients [--json out.json] [--repeats 5]
 
-Problems (shared/BENCHMARKS.md), float64, ``f(z) = tanh(z W^T + x U^T + b)``, d=256, p=64,
+from the clone's root (``python bench/torch_gradients.py`` works too).
+
+Problems (:mod:`bench.problems`), float64, ``f(z) = tanh(z W^T + x U^T + b)``, d=256, p=64,
 B=64, from ``numpy.random.default_rng(0)`` drawn in the order W (or Q), U, b, x:
 
 * P1 ``tanh``: W Gaussian scaled to spectral norm 0.9; U = N/sqrt(p); b = 0.1 N; x = N.
@@ -32,7 +34,9 @@ import importlib.util
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,14 +44,19 @@ import torch
 
 import eqsolve
 import eqsolve.torch as et
-from eqsolve.bench import problems as bench_problems  # noqa: E402
+
+if __package__ in (None, ""):  # run as a file: import the package bench from the clone's root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench import problems as bench_problems  # noqa: E402
 
 D, P, B = 256, 64, 64
 
 
 def make_problem(kind: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """P1 (``tanh``) or P4 (``sym``) parameters from eqsolve.bench.problems, as a dict."""
+    """P1 (``tanh``) or P4 (``sym``) parameters from bench.problems, as a dict."""
     pr = bench_problems.make_problem(kind, seed=seed)  # default size: d=256, p=64, B=64
+    assert isinstance(pr, bench_problems.TanhProblem)
     return {"W": pr.W, "U": pr.U, "b": pr.b, "x": pr.x}
 
 
@@ -104,7 +113,9 @@ def measure_method(pr: Problem, method: str, repeats: int) -> dict[str, Any]:
         if r == 0:
             ref = reference(pr.np, sol.value.detach().numpy().copy(), pr.c.numpy())
             for k, g in ref.items():
-                got = pr.t[k].grad.numpy()
+                grad = pr.t[k].grad
+                assert grad is not None
+                got = grad.numpy()
                 errs[k] = float(np.linalg.norm(got - g) / np.linalg.norm(g))
             fwd_iters = int(sol.iterations.max())
     out: dict[str, Any] = {

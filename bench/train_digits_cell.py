@@ -1,6 +1,8 @@
-"""Train the ``digits`` benchmark cell and write ``src/eqsolve/bench/data/digits_cell.npz``.
+"""Train the ``digits`` benchmark cell and write ``bench/data/digits_cell.npz``.
 
-    python bench/train_digits_cell.py [--out PATH] [--epochs 30] [--seed 0]
+    python -m bench.train_digits_cell [--out PATH] [--epochs 30] [--seed 0]
+
+from the clone's root (``python bench/train_digits_cell.py`` works too).
 
 A deep-equilibrium classifier on scikit-learn's bundled 8x8 digits (``load_digits()``: 1797
 images, no download):
@@ -22,7 +24,7 @@ images, no download):
   solver (plain iteration included) converges on any input;
 * test accuracy (stored) is evaluated independently in float64 NumPy on the stored float32
   weights: Newton fixed point of every test image (relative residual <= 1e-14), head,
-  argmax (``eqsolve.bench.problems.digits_accuracy``; the tests recompute it).
+  argmax (``bench.digits.digits_accuracy``; the tests recompute it).
 
 The file holds ``W``, ``U``, ``b``, ``head_W``, ``head_b`` (float32; the benchmark casts them
 to float64), the raw test images (``test_images``, uint8, divide by ``pixel_max``) and labels,
@@ -43,6 +45,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+if __package__ in (None, ""):  # run as a file: import the package bench from the clone's root
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse  # noqa: E402
 import io  # noqa: E402
 import time  # noqa: E402
@@ -52,7 +60,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "src" / "eqsolve" / "bench" / "data" / "digits_cell.npz"
+DEFAULT_OUT = ROOT / "bench" / "data" / "digits_cell.npz"
 N_TEST = 360
 D = 128
 W_INIT_NORM = 0.5
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import eqsolve
     import eqsolve.torch as et
-    from eqsolve.bench.problems import digits_accuracy, load_digits_cell
+    from bench.digits import digits_accuracy, load_digits_cell
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)

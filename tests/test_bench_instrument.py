@@ -1,12 +1,12 @@
-"""eqsolve.bench.instrument: f-evaluation counts and residual histories on every framework."""
+"""bench.instrument: f-evaluation counts and residual histories on every framework."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from eqsolve.bench.case import Case
-from eqsolve.bench.instrument import Recorder, instrument, relative_residual
+from bench.case import Case
+from bench.instrument import Recorder, instrument, relative_residual
 
 D, B = 6, 3
 _rng = np.random.default_rng(0)
@@ -36,6 +36,10 @@ def test_relative_residual_is_the_batch_max_of_per_sample_ratios():
     assert relative_residual(z, fz) == pytest.approx(1 / np.sqrt(2))
     assert relative_residual(np.zeros((2, 2)), np.zeros((2, 2))) == 0.0  # 0/0 -> 0
     assert relative_residual(np.ones((1, 2)), np.zeros((1, 2))) == float("inf")
+    # an overflowed iterate is NaN, never an exact fixed point (NaN compares False to 0)
+    nan = np.full((1, 2), np.nan)
+    assert np.isnan(relative_residual(nan, nan))
+    assert np.isnan(relative_residual(np.zeros((1, 2)), np.full((1, 2), np.inf)))
 
 
 def test_unknown_framework_raises():

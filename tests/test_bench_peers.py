@@ -1,4 +1,4 @@
-"""eqsolve.bench.peers: every installed peer solves a tiny contraction to the tolerance.
+"""bench.peers: every installed peer solves a tiny contraction to the tolerance.
 
 Tiny hand-built Cases: ``f(z) = tanh(z W^T + x U^T + b)``, d=8, p=4, B=3, float64 (and one
 float32 JAX case), checked against a fixed point computed here in NumPy. Peers that are not
@@ -13,9 +13,9 @@ import json
 import numpy as np
 import pytest
 
-from eqsolve.bench.case import Case
-from eqsolve.bench.instrument import instrument
-from eqsolve.bench.peers import PEERS, PeerSolver, missing_peers, peer_solvers
+from bench.case import Case
+from bench.instrument import instrument
+from bench.peers import PEERS, PeerSolver, missing_peers, peer_solvers
 
 D, P, B = 8, 4, 3
 TOL = 1e-8
@@ -151,7 +151,7 @@ def peer_libraries_installed(framework: str) -> bool:
 
 
 def test_missing_peers_names_the_install_command(monkeypatch):
-    import eqsolve.bench.peers as peers
+    import bench.peers as peers
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

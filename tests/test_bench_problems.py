@@ -1,32 +1,29 @@
-"""The benchmark problems (eqsolve.bench.problems): identical builds on every backend, the
+"""The benchmark problems (bench.problems): identical builds on every backend, the
 float64 references, the trained digits cell and the conv cell."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from eqsolve.backends import BackendUnavailableError
-from eqsolve.bench.problems import (
+from bench.native import Native
+from bench.problems import (
     DEFAULT_PROBLEMS,
     DIGITS_FILE,
     PROBLEMS,
     ConvProblem,
     TanhProblem,
-    _Native,
     digits_accuracy,
     load_digits_cell,
     make_problem,
 )
+from eqsolve.backends import BackendUnavailableError
 
 TANH_FAMILY = ("tanh", "tanh-wide", "sym", "digits")
 TOL = {"float64": 1e-12, "float32": 1e-5}
-OLD_BUILDER = Path(__file__).resolve().parents[1] / "bench" / "problems.py"
 
 
 def _build(problem, backend: str, dtype: str):
@@ -38,19 +35,7 @@ def _build(problem, backend: str, dtype: str):
 
 
 def _native(backend: str, dtype: str, a: np.ndarray):
-    return _Native(backend, dtype)(a)
-
-
-def _load_old_builder():
-    spec = importlib.util.spec_from_file_location("_old_bench_problems", OLD_BUILDER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
+    return Native(backend, dtype)(a)
 
 
 # --------------------------------------------------------------------------- the registry
@@ -96,13 +81,8 @@ def test_tiny_sizes(name, shape):
 def test_tanh_family_same_numbers_as_old_builder(name):
     p = make_problem(name)
     assert p.shape == (64, 256) and p.p == 64
-    if OLD_BUILDER.is_file():
-        old = _load_old_builder().make_problem(name)
-        for key in ("W", "U", "b", "x"):
-            np.testing.assert_array_equal(getattr(p, key), getattr(old, key))
-        np.testing.assert_array_equal(p.inj, old.inj)
-    # fingerprints of the same draws (kept for when the old builder is gone); W goes through
-    # LAPACK (2-norm, QR), so it is compared to 1e-12 rather than bit for bit
+    # fingerprints of the draws of the scripts' former builder (its code is gone); W goes
+    # through LAPACK (2-norm, QR), so it is compared to 1e-12 rather than bit for bit
     fingerprints = {
         "tanh": (0.0035870228450116766, -0.023700954486997623),
         "tanh-wide": (0.007971161877803725, -0.0526687877488836),
@@ -281,7 +261,7 @@ def test_conv_reference_on_jax_matches_torch(conv_tiny):
     q = ConvProblem(p.params, p.x, p.groups)
     import jax
 
-    nat = _Native("jax", "float64")
+    nat = Native("jax", "float64")
     q._ref = ("jax", nat, jax.jit(q._jax_cell(nat)))  # the path taken without torch
     g = np.random.default_rng(9).standard_normal(p.shape)
     np.testing.assert_allclose(q.reference_fixed_point(), p.reference_fixed_point(), atol=1e-13)

@@ -1,7 +1,11 @@
-"""The cross-backend benchmark: ``python -m eqsolve.bench`` (see :mod:`eqsolve.bench.cli`).
+"""Moved: the benchmark is the repository's top-level ``bench/`` package, outside the wheel.
 
-Modules: ``problems`` (the problems as data, with float64 references), ``case`` (one problem
-on one backend), ``peers`` (torchdeq, jaxopt, optimistix, scipy rows), ``instrument``
-(f-evaluation counts and residual histories), ``timing``, ``runner`` (one row), ``report``
-(ratios, targets, tables, JSON), ``plots`` and ``session`` (one run).
+From the root of a clone: ``python -m bench`` (this shim, kept for one release, forwards
+``python -m eqsolve.bench`` there when ``bench`` is importable).
 """
+
+MOVED = (
+    "the benchmark moved out of the eqsolve package to the repository's bench/ folder: "
+    "from the root of a clone (git clone, then pip install -c constraints.txt "
+    '-e ".[torch,jax,bench]"), run python -m bench'
+)

@@ -1,5 +1,16 @@
-"""``python -m eqsolve.bench``: see :mod:`eqsolve.bench.cli`."""
+"""``python -m eqsolve.bench``: deprecated, forwards to ``python -m bench`` (see __init__)."""
 
-from .cli import main
+import importlib
+import sys
+import warnings
 
-raise SystemExit(main())
+from . import MOVED
+
+try:
+    cli = importlib.import_module("bench.cli")  # the clone's bench/ package, if on the path
+except ImportError as exc:
+    if exc.name not in ("bench", "bench.cli"):
+        raise
+    sys.exit(f"eqsolve.bench: {MOVED}")
+warnings.warn(f"python -m eqsolve.bench is deprecated: {MOVED}", DeprecationWarning, 1)
+sys.exit(cli.main())

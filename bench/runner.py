@@ -1,11 +1,11 @@
-"""Measure one row: a solver (eqsolve's or a peer's) on one :class:`~eqsolve.bench.case.Case`.
+"""Measure one row: a solver (eqsolve's or a peer's) on one :class:`~bench.case.Case`.
 
 For every row, in this order:
 
 1. build the solve and call it once (warm-up; on JAX this compiles, and its time is reported
    as ``compile_s``);
 2. time ``reps`` further calls (median, min-max), each synchronised;
-3. one untimed call with an instrumented ``f`` (:mod:`eqsolve.bench.instrument`): the number
+3. one untimed call with an instrumented ``f`` (:mod:`bench.instrument`): the number
    of f-evaluations and the residual at each evaluated point, counted outside the solver;
 4. check the answer of the timed runs independently: the problem's float64 residual
    ``||f(z)_b - z_b|| / ||f(z)_b||`` per sample; the row converged if every sample is within
@@ -88,11 +88,15 @@ def measure_row(
     reps: int,
     f_call: Timing,
     row_budget_s: float | None = None,
+    max_iter: int | None = None,
+    caveat: str = "",
 ) -> dict[str, Any]:
     """Steps 1-5 of the module docstring for the solve built by ``make``.
 
     Never raises: an exception (a peer that cannot handle the case) is recorded as
-    ``row["error"]``.
+    ``row["error"]`` (its whole first line). A row that does not converge gets
+    ``row["reason"]``, from :func:`why_not_converged` (``max_iter``: the cap the solve was
+    given; ``caveat``: a known failure mode of the row's settings, appended).
     """
     row: dict[str, Any] = {}
     with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
@@ -110,7 +114,7 @@ def measure_row(
             case.sync(make(f_counted)())
             nfev, history = recorder.nfev, [float(r) for r in recorder.history]
         except Exception as exc:  # noqa: BLE001 - a failing row is a result, not a crash
-            row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            row["error"] = error_line(exc)
             row["traceback"] = traceback.format_exc(limit=6)
         else:
             res = problem.residual(case.to_numpy(z))
@@ -131,9 +135,76 @@ def measure_row(
                 outside_f=max(0.0, 1.0 - floor / timing.median) if timing.median > 0 else None,
                 history=history,
             )
+            if not row["converged"]:
+                row["reason"] = why_not_converged(res, history, tol, max_iter, caveat)
     if caught:  # kept in the JSON, out of the printed tables
         row["warnings"] = sorted({f"{w.category.__name__}: {w.message}"[:200] for w in caught})
     return row
+
+
+def error_line(exc: BaseException, limit: int = 1000) -> str:
+    """``"Type: message"``: the message's first non-empty line, whole (cut only past
+    ``limit`` characters, with an ellipsis)."""
+    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def why_not_converged(
+    residuals: np.ndarray,
+    history: list[float],
+    tol: float,
+    max_iter: int | None = None,
+    caveat: str = "",
+) -> str:
+    """One sentence on why a row's answer misses the criterion, from what was measured.
+
+    ``residuals``: the float64 per-sample residuals of the answer; ``history``: the batch-max
+    residual at each f-evaluation of the counting run. Says whether the solve diverged (a
+    non-finite answer or evaluation), used up the iteration budget (at least ``max_iter``
+    f-evaluations), or stopped on its own rule short of the tolerance, with the figures; then
+    ``caveat``, the known cause where the row's settings have one.
+    """
+    res = np.asarray(residuals, dtype=np.float64)
+    n, bad = int(res.size), int(np.sum(~(np.isfinite(res) & (res <= CONVERGED_SLACK * tol))))
+    hist = np.array([np.nan if h is None else h for h in history], dtype=np.float64)
+    nfev = len(hist)
+    if not np.all(np.isfinite(res)):
+        text = "diverged: "
+        if np.isfinite(hist).all():
+            text += "the answer is NaN/inf, though every point f was evaluated at was finite"
+        else:
+            first_bad = int(np.argmin(np.isfinite(hist)))  # index of the first NaN/inf
+            text += f"the iterate became NaN/inf at f-evaluation {first_bad + 1} of {nfev}"
+            text += _trend(hist[:first_bad])
+        text += f"; {int(np.sum(~np.isfinite(res)))}/{n} samples of the answer are not finite"
+    elif max_iter is not None and nfev >= max_iter:
+        text = (
+            f"hit the iteration budget ({nfev} f-evaluations >= max_iter={max_iter}) with "
+            f"worst residual {np.max(res):.1e} > {CONVERGED_SLACK:g}x tol on {bad}/{n} samples"
+            + _trend(hist)
+        )
+    else:
+        text = (
+            f"stopped after {nfev} f-evaluations short of the tolerance: worst residual "
+            f"{np.max(res):.1e} > {CONVERGED_SLACK:g}x tol on {bad}/{n} samples" + _trend(hist)
+        )
+    return f"{text}. {caveat}" if caveat else text
+
+
+def _trend(hist: np.ndarray) -> str:
+    """`` (best 1e-5 at f-evaluation 33, then up to 3e+151)`` for a finite history; ``""``
+    when it is empty or not finite anywhere."""
+    finite = np.isfinite(hist)
+    if not finite.any():
+        return ""
+    h = np.where(finite, hist, np.nan)
+    j = int(np.nanargmin(h))
+    text = f" (best {h[j]:.1e} at f-evaluation {j + 1}"
+    peak = float(np.nanmax(h[j:]))
+    if peak > 10 * h[j]:
+        text += f", then up to {peak:.1e}"
+    return text + ")"
 
 
 # ------------------------------------------------------------------------------ backward
@@ -159,7 +230,7 @@ def measure_backward(
     try:
         ref = problem.reference_input_grad(g)
     except Exception as exc:  # noqa: BLE001
-        return {"backward_error": f"reference failed: {type(exc).__name__}: {exc}"}
+        return {"backward_error": f"reference failed: {error_line(exc)}"}
     try:
         if solver is not None and case.framework == "torch":
             out = _torch_backward(case, g, solver, tol, max_iter, reps)
@@ -170,7 +241,7 @@ def measure_backward(
         else:
             return {}
     except Exception as exc:  # noqa: BLE001
-        return {"backward_error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        return {"backward_error": error_line(exc)}
     dx = out.pop("grad")
     out["grad_rel_error"] = float(np.linalg.norm(dx - ref) / np.linalg.norm(ref))
     return out

@@ -43,6 +43,9 @@ class PeerSolver:
     grad: Callable[[Any], Any] | None = None
     notes: str = ""  # stopping rule in the peer's terms, caveats (one or two sentences)
     call: str = field(default="")  # the library call, e.g. "torchdeq.solver.anderson_solver"
+    #: a known, measured failure mode of these settings: the table shows it beside the row's
+    #: own diagnosis when the row does not converge
+    caveat: str = ""
 
     @property
     def name(self) -> str:

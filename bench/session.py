@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import BackendUnavailableError
+from eqsolve.backends import BackendUnavailableError
+
 from . import report
 from .case import Case, Problem
-from .cli import default_backends, environment, split_csv
+from .machine import environment
+from .native import BACKENDS
 from .peers import PEERS, PeerSolver, missing_peers, peer_solvers
-from .problems import BACKENDS, make_problem
+from .problems import make_problem
 from .runner import DEFAULT_SOLVER, EqsolveSolve, measure_backward, measure_row
 from .timing import f_call_time
 
@@ -127,14 +129,14 @@ def plan(args: argparse.Namespace, backends: list[str]) -> tuple[list[_Planned],
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    backends = split_csv(args.backends) if args.backends else default_backends()
+    backends = list(args.backends)
     if any(BACKENDS.get(b) == "torch" for b in backends):
         import torch
 
         torch.set_num_threads(1)
     started = datetime.datetime.now().astimezone()
-    command = "python -m eqsolve.bench" + ("" if not argv else " " + shlex.join(argv))
-    print(f"eqsolve.bench  {started:%Y-%m-%d %H:%M %Z}  {command}")
+    command = "python -m bench" + ("" if not argv else " " + shlex.join(argv))
+    print(f"bench  {started:%Y-%m-%d %H:%M %Z}  {command}")
     print(
         f"problems: {', '.join(args.problems)}   backends: {', '.join(backends)}   "
         f"dtype: {args.dtype}   tol: {args.tol:g} (per sample, relative)   reps: {args.reps}"
@@ -145,6 +147,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "times are medians after one warm-up call; JAX solves are jitted whole and their "
         "compile time is reported apart"
     )
+    print(f"results: {args.out}/ (results.json and the PNG plots, written at the end)")
     planned, skipped = plan(args, backends)
     for line in skipped:
         print(f"skipped: {line}")
@@ -184,6 +187,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 reps=args.reps,
                 f_call=f_call,
                 row_budget_s=args.row_budget,
+                max_iter=args.max_iter,
+                caveat=item.peer.caveat if item.peer is not None else "",
             )
         )
         if item.library == "eqsolve" and "error" not in row:
@@ -250,6 +255,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "elapsed_s": elapsed,
         },
     )
-    written = [args.out / "results.json", *files]
-    print(f"\nwrote {', '.join(str(p) for p in written)}  ({elapsed:.0f} s)")
+    written = ["results.json", *(p.name for p in files)]
+    print(f"\nwrote {', '.join(written)} to {args.out}/  ({elapsed:.0f} s)")
     return 0

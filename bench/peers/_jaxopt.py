@@ -53,9 +53,19 @@ TUNED: dict[str, dict[str, Any]] = {
     # step multiplies by all of them, used or not: P1 takes ~6 s with maxiter=1000. 20
     # pairs: P1 ~35 ms. The trade-off is P4 (sym, ~70 steps): jaxopt overwrites the oldest
     # pair, and with fewer pairs than steps P4 diverges (NaN with 10/20/32, converges with
-    # 50/64 at ~1 s per solve); the row keeps P1's choice and the runner reports P4 as it is.
+    # 50/64 at ~1 s per solve); the row keeps P1's choice and the runner reports P4 as it is,
+    # with CAVEATS' explanation in the table.
     "Broyden": {"stepsize": 1.0, "history_size": 20, "gamma": 1.0},
     # FixedPointIteration has no hyperparameter: no tuned row.
+}
+
+#: why a row with these settings can fail (shown in the table when it does not converge)
+CAVEATS: dict[tuple[str, str], str] = {
+    ("Broyden", "tuned"): (
+        "Known cause: history_size=20 (tuned on tanh) is a ring buffer: from step 21 jaxopt "
+        "overwrites its oldest secant pair, and on problems needing more steps (sym: ~70) the "
+        "iterate then blows up to NaN; history_size 50 or 64 converges on sym (71 / 66 steps)."
+    ),
 }
 
 METHOD = {
@@ -131,6 +141,7 @@ def _row(case: Case, name: str, variant: str, kwargs: dict[str, Any]) -> PeerSol
             + " (jaxopt is no longer maintained)"
         ),
         call=f"jaxopt.{name}",
+        caveat=CAVEATS.get((name, variant), ""),
     )
 
 

@@ -63,11 +63,15 @@ def relative_residual(z: Any, fz: Any) -> float:
 
 
 def _batch_max(num: np.ndarray, den: np.ndarray) -> float:
+    if num.size == 0:
+        return 0.0
+    # NaN in z or f(z) (an overflowed iterate: inf - inf); tested first, as the comparisons
+    # below are False for NaN and would make it look like an exact fixed point (0)
+    if np.isnan(num).any() or np.isnan(den).any():
+        return float("nan")
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num > 0, np.inf, 0.0))
-    if ratio.size == 0:
-        return 0.0
-    if np.isnan(ratio).any():  # NaN in z or f(z)
+    if np.isnan(ratio).any():  # inf / inf
         return float("nan")
     return float(ratio.max())
 
@@ -123,7 +127,7 @@ def instrument(
     """Wrap ``f`` so that its evaluations are counted and their residuals recorded.
 
     Args:
-        case_or_framework: a :class:`~eqsolve.bench.case.Case` (its ``framework`` is used)
+        case_or_framework: a :class:`~bench.case.Case` (its ``framework`` is used)
             or a framework name: ``"numpy"``, ``"torch"``, ``"jax"`` or ``"cupy"``.
         f: the map ``z -> f(z)`` on that framework's ``(B, ...)`` arrays (batch axis 0).
 

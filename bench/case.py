@@ -1,7 +1,7 @@
 """What every benchmark row is run on: one problem materialised on one backend and dtype.
 
-Problems (:mod:`eqsolve.bench.problems`) build a :class:`Case`; eqsolve rows
-(:mod:`eqsolve.bench.runner`) and peer rows (:mod:`eqsolve.bench.peers`) both solve
+Problems (:mod:`bench.problems`) build a :class:`Case`; eqsolve rows
+(:mod:`bench.runner`) and peer rows (:mod:`bench.peers`) both solve
 ``case.f`` from ``case.z0``, and the runner checks every answer independently with
 :meth:`Problem.residual` in float64 NumPy.
 """

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,9 @@ def format_table(
     rows: Iterable[dict[str, Any]], backward: bool = False, reps: int | None = None
 ) -> str:
     """A fixed-width table of rows (one problem at a time reads best); rows timed on fewer
-    than ``reps`` runs (the slow-row budget) say so at the end of the line."""
+    than ``reps`` runs (the slow-row budget) say so at the end of the line. A failed row
+    shows its whole error, and a row that did not converge its ``reason``, wrapped on the
+    lines below it (never cut)."""
     head = (
         f"{'backend':10} {'solver':38} {'nfev':>5} {'iters':>5} {'conv':>7} {'max res':>9} "
         f"{'median ms':>10} {'(min-max)':>17} {'floor ms':>9} {'x floor':>7} "
@@ -181,10 +184,19 @@ def format_table(
     if backward:
         head += f" {'grad err':>9} {'bwd ms':>8} {'bwd MB':>7}"
     lines = [head, "-" * len(head)]
+    indent = 10 + 1 + 38 + 1  # the text of a failure starts after the backend and solver columns
+    width = max(len(head) - indent, 40)
+
+    def wrapped(text: str) -> list[str]:
+        """``text`` wrapped to the table's width, every line indented past the name."""
+        return [" " * indent + s for s in textwrap.wrap(text, width, break_on_hyphens=False)]
+
     for r in rows:
         name = r["name"][:38]
         if "error" in r:
-            lines.append(f"{r['backend']:10} {name:38} failed: {r['error'][:90]}")
+            first, *rest = wrapped(f"failed: {r['error']}")
+            lines.append(f"{r['backend']:10} {name:38} {first.lstrip()}")
+            lines += rest
             continue
         conv = f"{r['samples_converged']}/{r['samples']}"
         line = (
@@ -202,9 +214,11 @@ def format_table(
                 f" {_fmt(r.get('grad_rel_error'), '.1e', 9)} {_fmt(r.get('backward_ms'), '.2f', 8)}"
                 f" {_fmt(None if mb is None else mb / 2**20, '.2f', 7)}"
             )
-            if r.get("backward_error"):
-                line += f"  backward failed: {r['backward_error'][:60]}"
         lines.append(line)
+        if r.get("reason"):
+            lines += wrapped(f"not converged: {r['reason']}")
+        if backward and r.get("backward_error"):
+            lines += wrapped(f"backward failed: {r['backward_error']}")
     return "\n".join(lines)
 
 
