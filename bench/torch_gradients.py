@@ -17,8 +17,9 @@ Forward: Anderson to tol 1e-8 (max_iter 500). Loss ``sum(c * z*)`` with Gaussian
 Reference: the fixed point refined by Newton's method to machine precision, then the dense
 ``u_b = (I - J_b^T)^{-1} c_b`` per sample and the closed-form parameter/input gradients.
 Relative error = ``||g - g_ref|| / ||g_ref||``, the largest over W, U, b, x. Every adjoint
-method gets ``backward_max_iter=5000`` so each is compared at its converged accuracy (the
-default is 100: plain Neumann iteration on P4 needs ~2000). Backward time: median (min-max)
+method gets ``eqsolve.Implicit(method, max_iter=5000)`` so each is compared at its converged
+accuracy (the default is the forward's max_iter, 500 here: plain Neumann iteration on P4
+needs ~2000). Backward time: median (min-max)
 of ``--repeats`` runs of ``loss.backward()`` alone, each after a fresh forward.
 
 Memory: bytes of the tensors autograd saves for backward (``saved_tensors_hooks``) during the
@@ -95,9 +96,10 @@ class Problem:
 
 
 def measure_method(pr: Problem, method: str, repeats: int) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"tol": 1e-8, "max_iter": 500, "backward": method}
+    backward: Any = method
     if method in et.ADJOINT_METHODS:
-        kwargs["backward_max_iter"] = 5000
+        backward = eqsolve.Implicit(method, max_iter=5000)
+    kwargs: dict[str, Any] = {"tol": 1e-8, "max_iter": 500, "backward": backward}
     infos: list[Any] = []
     times = []
     errs: dict[str, float] = {}

@@ -2,8 +2,9 @@
 
 Problem P1 of the benchmark suite: f(z) = tanh(z W^T + x U^T + b) with d=256, p=64, B=64 and
 ||W||_2 = 0.9, in float64, solved to a relative residual of 1e-8. For NumPy (always), PyTorch
-and JAX (when installed; JAX under jax.jit) and each solver, it prints the f-evaluations,
-whether every sample converged, and the median wall time of 5 solves after a warm-up.
+and JAX (when installed; JAX under jax.jit) and each solver (the default "auto" first), it
+prints the f-evaluations, whether every sample converged, and the median wall time of 5 solves
+after a warm-up.
 
 Run:  python examples/quickstart.py
 """
@@ -58,7 +59,7 @@ def report(backend):
     def f(z):
         return tanh(z @ Wt + injb)
 
-    for solver in ("picard", "anderson", "broyden"):
+    for solver in ("auto", "picard", "anderson", "broyden"):  # "auto" is the default
         def solve(z0, solver=solver):
             return eqsolve.solve(f, z0, solver=solver, tol=1e-8, max_iter=200)
 

@@ -263,10 +263,11 @@ def test_pullback_batch_axis_and_errors():
         pullback(g)  # (batch, d) instead of (d, batch)
     with pytest.raises(TypeError, match="vjp must be callable"):
         ac._fixed_point_on("numpy", cell, z0, vjp=None)
-    with pytest.raises(ValueError, match="backward must be one of"):
+    with pytest.raises(ValueError, match="supports backward=eqsolve.Implicit, not Phantom"):
         ac._fixed_point_on("numpy", cell, z0, vjp=vjp, backward="phantom")
-    with pytest.raises(TypeError, match="backward_options"):
-        ac._fixed_point_on("numpy", cell, z0, vjp=vjp, backward_options={"mm": 3})
+    with pytest.raises(TypeError, match="Implicit.options .*'mm'"):
+        ac._fixed_point_on("numpy", cell, z0, vjp=vjp,
+                           backward=eqsolve.Implicit(options={"mm": 3}))
 
 
 def test_pullback_reports_failure():
@@ -276,12 +277,11 @@ def test_pullback_reports_failure():
         cell,
         z0,
         vjp=_tanh_vjp(cell),
-        backward="neumann",
-        backward_max_iter=2,
+        backward=eqsolve.Implicit("neumann", max_iter=2),
         on_failure="raise",
         tol=1e-12,
     )
-    with pytest.raises(eqsolve.ConvergenceError, match="backward_max_iter=2") as err:
+    with pytest.raises(eqsolve.ConvergenceError, match="within max_iter=2") as err:
         pullback(np.ones_like(z0))
     assert err.value.solution.value.shape == z0.shape
 
@@ -313,7 +313,7 @@ def test_without_gpu_the_cupy_entry_points_say_so():
     with pytest.raises(eqsolve.BackendUnavailableError, match="cupy"):
         ec.solve(np.cos, np.zeros((2, 2)))
     with pytest.raises(eqsolve.BackendUnavailableError, match="cupy"):
-        ec.fixed_point(np.cos, np.zeros((2, 2)), vjp=lambda z, v: v)
+        ec.fixed_point_with_pullback(np.cos, np.zeros((2, 2)), vjp=lambda z, v: v)
 
 
 def _gpu_run(f, z0, solver, tol, fused, sync_every=1):
@@ -386,7 +386,7 @@ def test_gpu_fixed_point_tuple_state_and_pullback():
         return (u[:, :12], u[:, 12:])
 
     zc = cupy.asarray(z0)
-    sol, pullback = ec.fixed_point(f, (zc[:, :12], zc[:, 12:]), vjp=vjp, tol=1e-12)
+    sol, pullback = ec.fixed_point_with_pullback(f, (zc[:, :12], zc[:, 12:]), vjp=vjp, tol=1e-12)
     g = np.random.default_rng(2).standard_normal(z0.shape)
     u = pullback((cupy.asarray(g[:, :12]), cupy.asarray(g[:, 12:])))
     z_star = np.concatenate([to_numpy(a) for a in sol.value], axis=1)

@@ -321,9 +321,10 @@ def test_jax_max_iter_limits_with_x64_off():
             else:
                 raise SystemExit("no error")
         try:
-            ej.fixed_point(lambda z: 0.5 * z + 1.0, z0, backward_max_iter=2**33)
+            ej.fixed_point(lambda z: 0.5 * z + 1.0, z0,
+                           backward=eqsolve.Implicit(max_iter=2**33))
         except ValueError as exc:
-            assert "backward_max_iter" in str(exc), exc
+            assert "Implicit.max_iter" in str(exc), exc
         sol = eqsolve.fixed_point(lambda z: 0.5 * z + 1.0, z0, max_iter=2**31 - 3)
         assert bool(sol.converged.all()) and int(sol.nfev) < 100
         print("ok")

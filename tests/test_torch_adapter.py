@@ -121,8 +121,8 @@ def grads_of(cell, xt):
 def test_exact_gradient_matches_dense_reference(method, kind, dtype, tol, bound):
     cell, xt, c, (W, U, b, x) = setup(kind, dtype)
     z0 = torch.zeros(x.shape[0], W.shape[0], dtype=dtype)
-    extra = {"backward_max_iter": 5000} if method == "neumann" else {}
-    sol = et.fixed_point(lambda z: cell(z, xt), z0, tol=tol, max_iter=500, backward=method, **extra)
+    spec = eqsolve.Implicit(method, max_iter=5000 if method == "neumann" else None)
+    sol = et.fixed_point(lambda z: cell(z, xt), z0, tol=tol, max_iter=500, backward=spec)
     assert sol.value.grad_fn is not None and sol.value.dtype == dtype
     assert bool(sol.converged.all())
     (sol.value * torch.tensor(c, dtype=dtype)).sum().backward()
@@ -143,8 +143,8 @@ def test_wide_problem_accurate_or_warned(method):
     """
     cell, xt, c, (W, U, b, x) = setup("wide", torch.float64)
     z0 = torch.zeros(x.shape[0], W.shape[0], dtype=torch.float64)
-    sol = et.fixed_point(lambda z: cell(z, xt), z0, tol=1e-10, max_iter=500, backward=method,
-                         backward_max_iter=500)
+    sol = et.fixed_point(lambda z: cell(z, xt), z0, tol=1e-10, max_iter=500,
+                         backward=eqsolve.Implicit(method, max_iter=500))
     assert bool(sol.converged.all())
     ref, z_ref = reference_gradients(W, U, b, x, sol.value.detach().numpy(), c)
     J = (1.0 - z_ref**2)[:, :, None] * W[None]
@@ -157,7 +157,7 @@ def test_wide_problem_accurate_or_warned(method):
     errors = {k: rel_err(g, ref[k]) for k, g in grads_of(cell, xt).items()}
     if method == "neumann":
         assert warned, "Neumann iteration cannot converge with spectral radius > 1 and must say so"
-        assert "backward='neumann'" in str(warned[0].message)
+        assert "method='neumann'" in str(warned[0].message)
     if not warned:
         assert max(errors.values()) <= 1e-7, errors
 
@@ -174,7 +174,8 @@ def test_gradcheck_wrt_input_and_weight():
     def solve(x, W):
         z0 = torch.zeros(B, d, dtype=torch.float64)
         return et.fixed_point(lambda z: torch.tanh(z @ W.T + x @ U.T), z0, tol=1e-14,
-                              max_iter=200, backward_tol=1e-14, atol=1e-300).value
+                              max_iter=200, backward=eqsolve.Implicit(tol=1e-14),
+                              atol=1e-300).value
 
     assert torch.autograd.gradcheck(solve, (x, W), eps=1e-6, atol=1e-8, rtol=1e-6)
 
@@ -211,9 +212,10 @@ def _unrolled_inexact(cell, xt, z_star, steps, lam):
     "backward, kwargs, steps, lam",
     [
         ("phantom", {}, 5, 0.5),
-        ("phantom", {"phantom_steps": 3, "phantom_damping": 0.7}, 3, 0.7),
-        ("phantom", {"phantom_steps": 2, "phantom_damping": 1.0}, 2, 1.0),
+        (eqsolve.Phantom(steps=3, damping=0.7), {}, 3, 0.7),
+        (eqsolve.Phantom(2, 1.0), {}, 2, 1.0),
         ("jfb", {}, 1, 1.0),
+        (eqsolve.JFB(), {}, 1, 1.0),
     ],
 )
 def test_phantom_and_jfb_match_their_definition(backward, kwargs, steps, lam):
@@ -313,7 +315,7 @@ def test_multiscale_tuple_state():
 
     # the phantom gradient damps leaf by leaf and keeps the structure
     cell.zero_grad()
-    ph = et.fixed_point(f, z0, tol=1e-11, backward="phantom", phantom_steps=2)
+    ph = et.fixed_point(f, z0, tol=1e-11, backward=eqsolve.Phantom(steps=2))
     assert isinstance(ph.value, tuple) and ph.value[1].shape == (B, 2, 3)
     z_star = eqsolve.solve(f, z0, tol=1e-11).value  # the z* the phantom steps start from
     for got, want in zip(ph.value, z_star, strict=True):  # the value is z*, leaf by leaf
@@ -406,7 +408,7 @@ def test_deq_module_eval_mode_gradients():
     assert last is not None and not last.value.requires_grad and bool(last.converged.all())
     info = model.deq.last_adjoint_info
     assert info is not None and bool(info.converged.all())
-    assert "backward='broyden'" in repr(model.deq)
+    assert "backward=Implicit(method='broyden'" in repr(model.deq)
 
 
 def test_deq_module_validates_at_construction():
@@ -430,18 +432,17 @@ def _small(dtype=torch.float64, kind="sym"):
 def test_adjoint_non_convergence_warns_or_raises():
     cell, xt, z0 = _small()
     f = lambda z: cell(z, xt)  # noqa: E731
-    sol = et.fixed_point(f, z0, tol=1e-10, max_iter=300, backward="neumann", backward_max_iter=2)
-    with pytest.warns(eqsolve.ConvergenceWarning, match="backward_max_iter=2"):
+    neumann2 = eqsolve.Implicit("neumann", max_iter=2)
+    sol = et.fixed_point(f, z0, tol=1e-10, max_iter=300, backward=neumann2)
+    with pytest.warns(eqsolve.ConvergenceWarning, match="max_iter=2"):
         sol.value.sum().backward()
 
-    sol = et.fixed_point(f, z0, tol=1e-10, max_iter=300, backward="neumann",
-                         backward_max_iter=2, on_failure="raise")
-    with pytest.raises(eqsolve.ConvergenceError, match="backward='neumann'") as err:
+    sol = et.fixed_point(f, z0, tol=1e-10, max_iter=300, backward=neumann2, on_failure="raise")
+    with pytest.raises(eqsolve.ConvergenceError, match="method='neumann'") as err:
         sol.value.sum().backward()
     assert not bool(err.value.solution.converged.any())
 
-    sol = et.fixed_point(f, z0, tol=1e-10, max_iter=300, backward="neumann",
-                         backward_max_iter=2, on_failure="ignore")
+    sol = et.fixed_point(f, z0, tol=1e-10, max_iter=300, backward=neumann2, on_failure="ignore")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sol.value.sum().backward()
@@ -463,10 +464,12 @@ def test_not_differentiable_f_is_an_error():
         W = cell.W.detach().numpy()
         return torch.from_numpy(np.tanh(z.detach().numpy() @ W.T + 0.1))
 
-    with pytest.raises(RuntimeError, match="not differentiable"):
-        et.fixed_point(numpy_f, z0, tol=1e-8)
-    # with no gradient wanted it is fine
-    assert et.fixed_point(numpy_f, z0, tol=1e-8, backward=None).value.shape == z0.shape
+    # f uses no tensor that requires grad (it leaves torch): nothing to differentiate, and
+    # the result is the plain solve's (no extra call of f, no graph)
+    sol = et.fixed_point(numpy_f, z0, tol=1e-8)
+    plain = eqsolve.solve(numpy_f, z0, tol=1e-8)
+    assert not sol.value.requires_grad and sol.nfev == plain.nfev
+    assert torch.equal(sol.value, plain.value)
 
     sol = et.fixed_point(lambda z: cell(z.detach(), xt), z0, tol=1e-8)
     with pytest.warns(RuntimeWarning, match="does not depend on z"):
@@ -483,21 +486,8 @@ def test_double_backward_is_refused():
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        ({"backward": "adjoint"}, ValueError, "unknown backward method 'adjoint'"),
+        ({"backward": "adjoint"}, ValueError, "backward must be one of"),
         ({"backward": 3}, TypeError, "backward must be"),
-        ({"backward": "phantom", "phantom_steps": 0}, ValueError, "phantom_steps must be >= 1"),
-        ({"backward": "phantom", "phantom_steps": 1.5}, TypeError, "phantom_steps must be an int"),
-        ({"backward": "phantom", "phantom_damping": 0.0}, ValueError,
-         r"phantom_damping must be in \(0, 1\]"),
-        ({"backward": "phantom", "phantom_damping": 1.5}, ValueError, "phantom_damping"),
-        ({"backward": "anderson", "phantom_steps": 3}, ValueError, "phantom_steps applies only"),
-        ({"backward": "jfb", "backward_tol": 1e-6}, ValueError, "backward_tol applies only"),
-        ({"backward_tol": -1.0}, ValueError, "backward_tol must be finite and > 0"),
-        ({"backward_tol": "small"}, TypeError, "backward_tol"),
-        ({"backward_max_iter": 0}, ValueError, "backward_max_iter must be >= 1"),
-        ({"backward_options": {"mm": 2}}, TypeError, "backward_options.*'mm'"),
-        ({"backward_options": [1]}, TypeError, "backward_options must be a dict"),
-        ({"backward": "anderson", "backward_options": {"m": 0}}, ValueError, "m must be"),
         ({"on_failure": "loud"}, ValueError, "on_failure"),
         ({"tol": 0.0}, ValueError, "tol"),
     ],
@@ -512,11 +502,12 @@ def test_bad_arguments(kwargs, exc, match):
 def test_gmres_options_are_checked_and_used():
     cell, xt, c, (W, U, b, x) = setup("sym", torch.float64)
     z0 = torch.zeros(x.shape[0], W.shape[0], dtype=torch.float64)
-    with pytest.raises(TypeError, match="backward_options for backward='gmres'.*'m'"):
-        et.fixed_point(lambda z: cell(z, xt), z0, backward="gmres", backward_options={"m": 3})
+    with pytest.raises(TypeError, match="Implicit.options for method='gmres'.*'m'"):
+        eqsolve.Implicit("gmres", options={"m": 3})
     infos = []
-    sol = et.fixed_point(lambda z: cell(z, xt), z0, tol=1e-10, max_iter=500, backward="gmres",
-                         backward_options={"restart": 4}, on_backward=infos.append)
+    sol = et.fixed_point(lambda z: cell(z, xt), z0, tol=1e-10, max_iter=500,
+                         backward=eqsolve.Implicit("gmres", options={"restart": 4}),
+                         on_backward=infos.append)
     (sol.value * torch.tensor(c)).sum().backward()
     ref, _ = reference_gradients(W, U, b, x, sol.value.detach().numpy(), c)
     assert rel_err(cell.W.grad, ref["W"]) <= 1e-7
@@ -606,36 +597,3 @@ def test_distributed_data_parallel_gloo(tmp_path):
         assert rel_err(step["W"], ref["W"] / 2) <= 1e-7
         assert rel_err(step["U"], ref["U"] / 2) <= 1e-7
         assert rel_err(step["b"], ref["b"] / 2) <= 1e-7
-
-
-# --- eqsolve.fixed_point routes torch solves to this adapter -----------------------------
-
-
-def test_top_level_fixed_point_is_differentiable_on_torch():
-    """eqsolve.fixed_point on tensors (grad mode on) gives the same gradient as the adapter."""
-    torch.manual_seed(0)
-    W = (0.1 * torch.randn(6, 6, dtype=torch.float64)).requires_grad_()
-    x = torch.randn(3, 6, dtype=torch.float64)
-
-    def grad_of(fp):
-        W.grad = None
-        sol = fp(lambda z: torch.tanh(z @ W + x), torch.zeros(3, 6, dtype=torch.float64), tol=1e-12)
-        sol.value.pow(2).sum().backward()
-        return W.grad.clone()
-
-    g_top = grad_of(eqsolve.fixed_point)
-    g_adapter = grad_of(eqsolve.torch.fixed_point)
-    torch.testing.assert_close(g_top, g_adapter, rtol=1e-12, atol=1e-14)
-    assert float(g_top.abs().max()) > 0.0
-    with torch.no_grad():  # no grad mode: the plain solve, no graph
-        z0 = torch.zeros(3, 6, dtype=torch.float64)
-        sol = eqsolve.fixed_point(lambda z: torch.tanh(z @ W + x), z0)
-    assert sol.value.grad_fn is None
-
-
-def test_top_level_fixed_point_backend_torch_converts_and_differentiates():
-    W = (0.1 * torch.randn(5, 5, dtype=torch.float64)).requires_grad_()
-    sol = eqsolve.fixed_point(lambda z: torch.tanh(z @ W + 1.0), np.zeros((2, 5)), backend="torch")
-    assert isinstance(sol.value, torch.Tensor) and sol.value.grad_fn is not None
-    sol.value.sum().backward()
-    assert W.grad is not None and float(W.grad.abs().max()) > 0.0

@@ -5,9 +5,16 @@ array-api-strict arrays all work, and ``backend=`` switches between them.
 
 >>> import eqsolve
 >>> sol = eqsolve.fixed_point(f, z0, solver="anderson", tol=1e-6)  # doctest: +SKIP
+
+The framework modules ``eqsolve.torch``, ``eqsolve.jax`` and ``eqsolve.cupy`` are imported on
+first use (``import eqsolve`` imports none of the frameworks).
 """
 
+import importlib
+from typing import Any
+
 from . import api
+from .adapters.backward import JFB, Implicit, Phantom
 from .api import fixed_point, solve
 from .backends import BACKEND_NAMES, BackendUnavailableError
 from .core import (
@@ -35,6 +42,9 @@ __all__ = [
     "ConvergenceWarning",
     "CouplingWarning",
     "FixedPointSolver",
+    "Implicit",
+    "JFB",
+    "Phantom",
     "Picard",
     "Solution",
     "Status",
@@ -42,3 +52,16 @@ __all__ = [
     "fixed_point",
     "solve",
 ]
+
+#: framework modules, imported when first accessed as attributes
+_LAZY_SUBMODULES = ("torch", "jax", "cupy")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES})

@@ -1,30 +1,32 @@
-"""``eqsolve.fixed_point``: solve ``z = f(z)`` on any supported array library."""
+"""``eqsolve.fixed_point`` and ``eqsolve.solve``: the entry points for any array library.
+
+This is the layer above the adapters: :func:`fixed_point` takes the PyTorch route
+(:func:`eqsolve.torch.fixed_point`, which attaches gradients) when the solve runs on
+PyTorch with grad mode on, and the array adapter (:func:`eqsolve.solve`) otherwise. PyTorch
+is imported only when the arrays are PyTorch's.
+"""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import array_api_compat as aac
 
-from .backends import backend_name_of, get_backend
-from .core.loop import StopRule
-from .core.measure import flush_floor
-from .core.precision import OnGrid, widened, working_dtype
-from .core.solution import (
-    ConvergenceError,
-    ConvergenceWarning,
-    CouplingWarning,
-    Solution,
-    Status,
-)
-from .core.solver_base import FixedPointSolver, make_solver
-from .core.structure import BatchAxis, structure_of
-from .core.validation import check_arguments, check_f_output, check_state_arrays
+from .adapters.array import check_keywords, solve
+from .adapters.backward import Backward, backward_spec, pop_legacy
+from .backends import get_backend
+from .core.solution import Solution
+from .core.solver_base import FixedPointSolver
+from .core.structure import BatchAxis, leaves_of
+
+__all__ = ["fixed_point", "solve"]
+
+#: keywords that only the PyTorch route understands
+_TORCH_ONLY = ("f_dtype", "on_backward")
 
 
-def solve(
+def fixed_point(
     f: Callable[[Any], Any],
     z0: Any,
     *,
@@ -36,192 +38,25 @@ def solve(
     backend: str | None = None,
     on_failure: str = "warn",
     sync_stop: Any = None,
+    backward: Backward | str | FixedPointSolver | None = "anderson",
     **solver_options: Any,
-) -> Solution:
-    """Find ``z`` with ``z = f(z)``, per sample along ``batch_axis`` (no gradients).
-
-    This is the framework-neutral forward solve; :func:`fixed_point` is the same with
-    implicit gradients attached on PyTorch (see there).
-
-    Iterates a quasi-Newton fixed-point solver until, for every sample ``b``, the stopping
-    rule ``||f(z_b) - z_b|| <= tol * ||f(z_b)|| + atol`` holds (2-norms over the sample's
-    entries, computed without underflow or overflow) at a fixed point that is determined
-    (not reached by running away: :attr:`Status.DIVERGED`), or ``max_iter`` updates have
-    been applied. Each sample has its own residual, solver history and convergence flag; a
-    sample that has stopped is frozen, so solving a batch gives each sample the result it
-    gets alone when ``f`` treats samples independently. When it does not, stopped samples
-    are re-checked at every evaluation and re-opened (with a :class:`CouplingWarning`).
-
-    The returned :class:`Solution` keeps one contract: a sample's status is CONVERGED if
-    and only if the rule holds at the returned value, and ``residual`` is that value's
-    relative residual; every other outcome is a status (and eagerly a warning).
-
-    Args:
-        f: the map, called with (and returning) arrays like ``z0`` of the solve's backend.
-            It is evaluated on the whole batch once per iteration.
-        z0: initial guess: an array, or a tuple/list of arrays that share the batch axis
-            (the multi-resolution states of a multiscale DEQ). Real floating dtype;
-            float16/bfloat16 states are iterated in float32 with ``f`` evaluated on points
-            of the state's dtype (see :mod:`eqsolve.core.precision`). ``f`` must return new
-            arrays: writing into its argument raises (NumPy, PyTorch).
-        solver: ``"auto"`` (default: Anderson mixing that starts per sample once plain
-            iteration contracts slower than 0.4 per step, :class:`eqsolve.AutoAnderson`),
-            ``"anderson"`` (textbook Anderson from the first step), ``"broyden"``,
-            ``"picard"``, or a configured solver object such as ``eqsolve.Anderson(m=5)``.
-        tol: relative tolerance (> 0).
-        atol: absolute tolerance added to the stopping rule (>= 0); needed when the fixed
-            point is ~0, where the relative residual cannot become small. The best iterate
-            is chosen by the rule's own ratio ``||g|| / (tol ||f(z)|| + atol)``.
-        max_iter: maximum number of solver updates (1 to ``2**31 - 3``); ``f`` is called
-            at most ``max_iter + 2`` times (one final call re-evaluates the returned values
-            when the last evaluated point of some sample is not the one returned).
-        batch_axis: axis of ``z0`` holding independent samples; ``None`` to treat the whole
-            state as one system; ``"auto"`` (default): ``0`` when every array of ``z0`` has
-            at least 2 dimensions, else ``None`` (a 1-D state is one system, as in scipy).
-        backend: ``"numpy"``, ``"torch"``, ``"jax"``, ``"cupy"``, ``"array_api_strict"``, or
-            ``None`` to use the library of ``z0``. When given, ``z0`` is converted (DLPack
-            where possible) and ``f`` receives that backend's arrays.
-        on_failure: when a sample did not converge, diverged or hit NaN/inf: ``"warn"`` (a
-            :class:`ConvergenceWarning`), ``"raise"`` (:class:`ConvergenceError`, holding
-            the solution) or ``"ignore"``. Under ``jax.jit`` nothing is raised or warned:
-            read ``Solution.status``. ``"ignore"`` also silences the
-            :class:`CouplingWarning`.
-        sync_stop: stop several processes/devices at the same iteration, for an ``f`` that
-            contains a collective (each one calls ``f`` ``nfev`` times, the same number
-            everywhere; stopped samples stay frozen). ``None`` (default): each stops on its
-            own samples. PyTorch: ``True`` (the default ``torch.distributed`` group; no-op
-            when it is not initialised) or a ``torch.distributed.ProcessGroup``. JAX: the
-            name (or tuple of names) of an enclosing ``shard_map``/``pmap``/``vmap`` axis.
-            Other backends: unsupported (``ValueError``).
-        **solver_options: hyperparameters of the named solver, e.g. ``m=5`` for Anderson;
-            unknown names raise ``TypeError``.
-
-    Returns:
-        A :class:`Solution` whose arrays belong to the solve's backend. ``z0`` is never
-        modified.
-
-    Example:
-        >>> import numpy as np, eqsolve
-        >>> sol = eqsolve.api.solve(np.cos, np.zeros((3, 1)), tol=1e-10)
-        >>> bool(sol.converged.all()), round(float(sol.value[0, 0]), 6)
-        (True, 0.739085)
-    """
-    check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
-    solver_obj = make_solver(solver, solver_options)
-
-    leaves = list(z0) if isinstance(z0, (tuple, list)) else [z0]
-    names = (
-        ["z0"] if not isinstance(z0, (tuple, list)) else [f"z0[{i}]" for i in range(len(leaves))]
-    )
-    if not leaves:
-        raise ValueError("z0 is an empty sequence; it needs at least one array")
-    for leaf, name in zip(leaves, names, strict=True):
-        if not aac.is_array_api_obj(leaf):
-            raise TypeError(
-                f"{name} must be an array (numpy, torch, jax, cupy or array-api-strict), "
-                f"got {type(leaf).__name__}"
-            )
-    if backend is None:
-        try:
-            backend_name = backend_name_of(aac.array_namespace(*leaves))
-        except TypeError as exc:
-            raise TypeError(
-                f"the arrays of z0 must all come from one array library: {exc}"
-            ) from None
-    else:
-        backend_name = backend
-    be = get_backend(backend_name)
-    xp = be.xp
-    if backend is not None:
-        leaves = [be.convert(leaf) for leaf in leaves]
-    check_state_arrays(xp, leaves, names)
-    z0_b = leaves[0] if not isinstance(z0, (tuple, list)) else type(z0)(leaves)
-    structure = structure_of(z0_b, batch_axis)
-    f_flat = _flat_map(f, z0_b, structure, be)
-
-    z_start = structure.flatten(xp, z0_b)
-    wide = working_dtype(xp, z_start.dtype)
-    if wide is not None:  # float16/bfloat16: iterate in float32 on the state's grid
-        low = z_start.dtype
-        f_flat = widened(xp, f_flat, low, wide)
-        z_start, solver_obj = xp.astype(z_start, wide), OnGrid(solver_obj, low)
-    floor = flush_floor(xp, z_start.dtype, structure.n) if be.flushes_subnormals else 0.0
-    rule = StopRule(float(tol), float(atol), int(max_iter), floor)
-    state = be.run(f_flat, z_start, solver_obj, rule, sync_stop=sync_stop)
-    best = state.best_z if wide is None else xp.astype(state.best_z, low)
-
-    per_sample = (lambda a: a) if structure.batch_axes[0] is not None else (lambda a: a[0])
-    status = per_sample(state.status)
-    sol = Solution(
-        value=structure.unflatten(xp, best),
-        converged=status == int(Status.CONVERGED),
-        iterations=per_sample(state.iterations),
-        residual=per_sample(state.best_res),
-        status=status,
-        nfev=state.k + 1,
-    )
-    if on_failure != "ignore" and not be.is_traced(state.status):
-        report_coupling(xp, per_sample(state.reopened))
-        report_failures(xp, sol, on_failure, max_iter)
-    return sol
-
-
-def _flat_map(f: Callable[[Any], Any], z0: Any, structure: Any, be: Any) -> Callable[[Any], Any]:
-    """``f`` on the ``(B, n)`` view: unflatten, call, check, flatten.
-
-    The first call (``f(z0)``; under JAX at trace time) checks the output's structure,
-    shapes, dtype and device. Every call checks that ``f`` did not write into its argument:
-    the arrays it receives are the solver's own (its current iterate), so ``z *= 0.5`` in
-    ``f`` would silently corrupt the iteration.
-    """
-    xp = be.xp
-    checked = False
-
-    def f_flat(zf: Any) -> Any:
-        nonlocal checked
-        z = structure.unflatten(xp, zf)
-        given, wrote_into = be.guard_inplace(structure.leaves(z))
-        try:
-            fz = f(given[0] if structure.container is None else structure.container(given))
-        except ValueError as exc:
-            if "read-only" in str(exc):  # NumPy: f wrote into the read-only view it got
-                raise _inplace_error() from exc
-            raise
-        if not checked:
-            check_f_output(xp, fz, z0, structure)
-            checked = True
-        if wrote_into(structure.leaves(fz)):
-            raise _inplace_error()
-        return structure.flatten(xp, fz)
-
-    return f_flat
-
-
-def _inplace_error() -> ValueError:
-    return ValueError(
-        "f modified its argument in place: eqsolve passes f its current iterate and keeps "
-        "using it, so f must return a new array, e.g. `return 0.5 * z + 1` instead of "
-        "`z *= 0.5; z += 1; return z` (on backends that cannot see writes, CuPy and "
-        "array-api-strict, f returning its argument itself is taken as such a write)"
-    )
-
-
-def fixed_point(
-    f: Callable[[Any], Any],
-    z0: Any,
-    *,
-    backend: str | None = None,
-    **kwargs: Any,
 ) -> Solution:
     """Find ``z`` with ``z = f(z)``; differentiable on PyTorch.
 
-    Same arguments and result as :func:`solve` (see there for every option). When the solve
-    runs on PyTorch (``z0`` is a tensor, or ``backend="torch"``) and grad mode is on, this is
-    :func:`eqsolve.torch.fixed_point`: ``Solution.value`` is ``f(z*)`` (one extra call of
-    ``f``) and carries the exact implicit gradient to everything ``f`` uses; its extra
-    keyword arguments (``backward=...``) are accepted here too. On JAX use
-    :func:`eqsolve.jax.fixed_point` for gradients (``jax.custom_vjp``); elsewhere there is no
-    autodiff and this is :func:`solve`.
+    The arguments and the result are those of :func:`eqsolve.solve` (see there for every
+    option). The value and ``nfev`` are the same on every backend whenever nothing needs a
+    gradient. When the solve runs on PyTorch (``z0`` is a tensor, or ``backend="torch"``),
+    grad mode is on and ``f`` uses a tensor that requires grad, this is
+    :func:`eqsolve.torch.fixed_point`: ``Solution.value`` (still ``z*`` bit for bit) carries
+    the gradient chosen by ``backward`` to everything ``f`` uses, at the cost of one extra
+    call of ``f`` (counted in ``nfev``); its extra keywords (``f_dtype``, ``on_backward``)
+    are accepted here too. On JAX use :func:`eqsolve.jax.fixed_point` for gradients;
+    elsewhere there is no autodiff and ``backward`` is only validated.
+
+    Args:
+        backward: ``eqsolve.Implicit(...)`` (default ``"anderson"``), ``eqsolve.Phantom(...)``,
+            ``eqsolve.JFB()``, a shorthand, or ``None`` (see
+            :mod:`eqsolve.adapters.backward`).
 
     Example:
         >>> import numpy as np, eqsolve
@@ -229,82 +64,44 @@ def fixed_point(
         >>> bool(sol.converged.all()), round(float(sol.value[0, 0]), 6)
         (True, 0.739085)
     """
-    if _runs_on_torch_with_grad(z0, backend):
+    if _runs_on_torch(z0, backend):
         from .adapters.torch import fixed_point as torch_fixed_point
 
         if backend is not None:  # e.g. a NumPy z0 with backend="torch"
             convert = get_backend("torch").convert
             z0 = type(z0)(convert(t) for t in z0) if isinstance(z0, (tuple, list)) else convert(z0)
-        return torch_fixed_point(f, z0, **kwargs)
-    return solve(f, z0, backend=backend, **kwargs)
-
-
-def _runs_on_torch_with_grad(z0: Any, backend: str | None) -> bool:
-    """Whether the solve is on PyTorch with grad mode on (torch is then already imported)."""
-    if backend is not None:
-        if backend != "torch":
-            return False
-    else:
-        first = z0[0] if isinstance(z0, (tuple, list)) and len(z0) else z0
-        if not aac.is_torch_array(first):
-            return False
-    leaves = z0 if isinstance(z0, (tuple, list)) else [z0]
-    if not leaves or not all(aac.is_array_api_obj(leaf) for leaf in leaves):
-        return False  # solve() gives the error that names the bad argument
-    try:
-        import torch
-    except ImportError:  # backend="torch" without torch: solve() raises the clear error
-        return False
-    return bool(torch.is_grad_enabled())
-
-
-def report_coupling(xp: Any, reopened: Any) -> None:
-    """Eagerly warn (:class:`CouplingWarning`) when stopped samples had to be re-checked."""
-    flags = xp.reshape(reopened, (-1,))
-    n = int(xp.sum(xp.astype(flags, xp.int32)))
-    if n == 0:
-        return
-    warnings.warn(
-        f"f does not treat the samples of the batch independently: {n} of {flags.shape[0]} "
-        "samples that had stopped gave a different stopping-rule result when evaluated again "
-        "at the same point while other samples moved (BatchNorm in the cell, a map acting "
-        "across the batch axis, or a state that is one system). They were re-opened and "
-        "every status holds at the returned values; pass batch_axis=None to solve the batch "
-        "as one system",
-        CouplingWarning,
-        stacklevel=3,
+        return torch_fixed_point(
+            f, z0, solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
+            on_failure=on_failure, backward=backward,
+            sync_stop=False if sync_stop is None else sync_stop, **solver_options,
+        )
+    backward_spec(backward, pop_legacy(solver_options))  # validated: no autodiff here
+    torch_only = [k for k in _TORCH_ONLY if k in solver_options]
+    if torch_only:
+        raise TypeError(
+            f"{', '.join(torch_only)} apply only to solves on PyTorch (z0 a torch.Tensor or "
+            "backend='torch')"
+        )
+    check_keywords(solver, solver_options, "fixed_point")
+    return solve(
+        f, z0, solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
+        backend=backend, on_failure=on_failure, sync_stop=sync_stop, **solver_options,
     )
 
 
-def report_failures(xp: Any, sol: Solution, on_failure: str, max_iter: int) -> None:
-    """Warn (or raise :class:`ConvergenceError`) for samples whose status is not CONVERGED."""
-    status = xp.reshape(sol.status, (-1,))
-    n = status.shape[0]
+def _runs_on_torch(z0: Any, backend: str | None) -> bool:
+    """Whether the solve is on PyTorch (only ``backend="torch"`` imports torch here)."""
+    leaves = leaves_of(z0)
+    if not leaves or not all(aac.is_array_api_obj(t) for t in leaves):
+        return False  # solve() gives the error that names the bad argument
+    if backend is not None:
+        return backend == "torch" and _torch_importable()
+    return all(aac.is_torch_array(t) for t in leaves)
 
-    def count(code: Status) -> int:
-        return int(xp.sum(xp.astype(status == int(code), xp.int32)))
 
-    n_max, n_bad, n_div = count(Status.MAX_ITER), count(Status.NONFINITE), count(Status.DIVERGED)
-    if n_max == 0 and n_bad == 0 and n_div == 0:
-        return
-    parts = []
-    if n_max:
-        worst = float(xp.max(xp.reshape(sol.residual, (-1,))[status == int(Status.MAX_ITER)]))
-        parts.append(
-            f"{n_max} of {n} samples did not converge within max_iter={max_iter} "
-            f"(largest relative residual {worst:.3g})"
-        )
-    if n_div:
-        parts.append(
-            f"{n_div} of {n} samples diverged (the residual grew without bound, or the "
-            "stopping rule held only because the iterate ran away: no fixed point determined "
-            "to tol there)"
-        )
-    if n_bad:
-        parts.append(
-            f"{n_bad} of {n} samples hit NaN/inf and were stopped at their best finite iterate"
-        )
-    message = "; ".join(parts) + " (see Solution.status)"
-    if on_failure == "raise":
-        raise ConvergenceError(message, sol)
-    warnings.warn(message, ConvergenceWarning, stacklevel=3)
+def _torch_importable() -> bool:
+    try:
+        import torch  # noqa: F401  (backend="torch": the solve imports it anyway)
+    except ImportError:  # solve() then raises the backend's clear error
+        return False
+    return True

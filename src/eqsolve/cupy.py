@@ -2,7 +2,7 @@
 
 >>> import eqsolve.cupy as ec                                          # doctest: +SKIP
 >>> sol = ec.solve(f, z0, solver="anderson", sync_every=8)             # doctest: +SKIP
->>> sol, pullback = ec.fixed_point(f, z0, vjp=vjp)                     # doctest: +SKIP
+>>> sol, pullback = ec.fixed_point_with_pullback(f, z0, vjp=vjp)       # doctest: +SKIP
 >>> u = pullback(g)        # u = g + J_f(z*)^T u; then dL/dtheta = u^T df/dtheta  # doctest: +SKIP
 
 ``eqsolve.fixed_point`` / ``eqsolve.solve`` on CuPy arrays already take the fused kernels
@@ -15,11 +15,13 @@ backend raises :class:`eqsolve.BackendUnavailableError`.
 
 from __future__ import annotations
 
+from .adapters.backward import Implicit
 from .adapters.cupy import (
     ADJOINT_METHODS,
     Pullback,
     as_cupy,
     fixed_point,
+    fixed_point_with_pullback,
     solve,
     to_jax,
     to_torch,
@@ -34,11 +36,13 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "CupyOptions",
+    "Implicit",
     "Pullback",
     "Solution",
     "Status",
     "as_cupy",
-    "fixed_point",
+    "fixed_point",  # deprecated: fixed_point_with_pullback
+    "fixed_point_with_pullback",
     "options",
     "solve",
     "to_jax",

@@ -1,7 +1,7 @@
 """PyTorch entry points: a differentiable fixed point and a DEQ layer.
 
 >>> import eqsolve.torch as et                                         # doctest: +SKIP
->>> sol = et.fixed_point(lambda z: cell(z, x), z0, backward="anderson")  # doctest: +SKIP
+>>> sol = et.fixed_point(lambda z: cell(z, x), z0, backward=eqsolve.Implicit())  # doctest: +SKIP
 >>> sol.value.sum().backward()                                         # doctest: +SKIP
 
 See :mod:`eqsolve.adapters.torch` for how the backward is built (a graph-free solve, one
@@ -10,12 +10,13 @@ differentiable call of ``f`` at ``z*``, and the implicit adjoint solve in backwa
 
 from __future__ import annotations
 
+from .adapters.backward import JFB, Implicit, Phantom
 from .adapters.torch import ADJOINT_METHODS, BACKWARD_METHODS, DEQ, fixed_point
 from .adapters.torch_jacobian import jacobian_reg
 from .core.adjoint import AdjointInfo
 from .core.solution import ConvergenceError, ConvergenceWarning, Solution
 
 __all__ = [
-    "ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "AdjointInfo", "ConvergenceError",
-    "ConvergenceWarning", "Solution", "fixed_point", "jacobian_reg",
+    "ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "JFB", "AdjointInfo", "ConvergenceError",
+    "ConvergenceWarning", "Implicit", "Phantom", "Solution", "fixed_point", "jacobian_reg",
 ]

@@ -49,49 +49,36 @@ of float32 ``args`` come back in float32 (the transpose of a cast is a cast).
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat as aac
 import jax
 import jax.numpy as jnp
 
-from ..api import solve as _array_fixed_point
 from ..backends.jax import BACKEND, sync_axes
-from ..core.adjoint import (
-    FIXED_POINT_METHODS,
-    adjoint_solve,
-    check_backward_limits,
-    check_backward_options,
-    check_phantom,
-    default_adjoint_tol,
-)
-from ..core.solution import ConvergenceWarning, Solution, Status
+from ..core.adjoint import AdjointInfo
+from ..core.solution import Solution, Status
 from ..core.solver_base import FixedPointSolver
 from ..core.structure import BatchAxis, Structure, structure_of
 from ..core.validation import check_arguments, check_state_arrays
+from .array import check_keywords, solve
+from .backward import (
+    ADJOINT_METHODS,
+    JFB,
+    Backward,
+    Implicit,
+    Phantom,
+    backward_spec,
+    pop_legacy,
+    solve_implicit,
+)
+from .reporting import report_adjoint
 
-#: implicit (adjoint) methods, solved to ``backward_tol``
-IMPLICIT_METHODS: tuple[str, ...] = (*FIXED_POINT_METHODS, "gmres")
-#: inexact methods, exact only for their own definitions (biased gradients)
-INEXACT_METHODS: tuple[str, ...] = ("phantom", "jfb")
-BACKWARD_METHODS: tuple[str, ...] = (*IMPLICIT_METHODS, *INEXACT_METHODS)
-BACKWARD_ON_FAILURE: tuple[str, ...] = ("warn", "nan", "ignore")
-
-
-@dataclass(frozen=True, eq=False)
-class _Backward:
-    """Static configuration of the backward pass."""
-
-    method: str | FixedPointSolver
-    tol: float | None  # None: default_adjoint_tol(forward tol, eps of the dtype)
-    max_iter: int
-    options: dict[str, Any]
-    on_failure: str
-    phantom_steps: int
-    phantom_damping: float
+#: every accepted ``backward=`` shorthand
+BACKWARD_METHODS: tuple[str, ...] = (*ADJOINT_METHODS, "phantom", "jfb")
+#: keywords of :func:`fixed_point` beyond those of :func:`eqsolve.solve`
+_JAX_KEYWORDS = ("backward", "f_dtype")
 
 
 def fixed_point(
@@ -104,13 +91,7 @@ def fixed_point(
     max_iter: int = 100,
     batch_axis: BatchAxis = "auto",
     on_failure: str = "warn",
-    backward: str | FixedPointSolver = "anderson",
-    backward_tol: float | None = None,
-    backward_max_iter: int | None = None,
-    backward_options: dict[str, Any] | None = None,
-    backward_on_failure: str = "warn",
-    phantom_steps: int = 5,
-    phantom_damping: float = 0.5,
+    backward: Backward | str | FixedPointSolver | None = "anderson",
     sync_stop: str | tuple[str, ...] | None = None,
     f_dtype: Any = None,
     **solver_options: Any,
@@ -135,26 +116,18 @@ def fixed_point(
             must stay static (Python ints used for shapes, flags) belong in ``f``'s closure.
         solver, tol, atol, max_iter, batch_axis, **solver_options: the forward solve, as in
             :func:`eqsolve.fixed_point`.
-        on_failure: forward non-convergence: ``"warn"``, ``"raise"`` or ``"ignore"``. Applied
-            only when the call is not under a JAX transformation; under ``jit``/``vmap``/
-            ``grad`` nothing is raised: read ``Solution.status``.
-        backward: ``"anderson"`` (default), ``"neumann"`` (plain iteration = truncated
-            Neumann series ``sum_k (J^T)^k g``), ``"broyden"``, ``"gmres"`` (restarted,
-            matrix-free), a configured solver object (e.g. ``eqsolve.Anderson(m=8)``), or
-            the biased modes ``"phantom"`` and ``"jfb"`` (see the module docstring).
-        backward_tol: relative tolerance of the adjoint solve,
-            ``||g + J^T u - u|| <= backward_tol * ||g + J^T u||`` per sample. Default:
-            ``max(tol, 10 * eps(dtype))``.
-        backward_max_iter: iterations (restart cycles for gmres) of the adjoint solve.
-            Default: ``max_iter``.
-        backward_options: hyperparameters of the adjoint method (e.g. ``{"m": 5}``).
-        backward_on_failure: when a sample's adjoint solve does not converge (or hits
-            NaN/inf): ``"warn"`` (default; a :class:`eqsolve.ConvergenceWarning` emitted
-            from the running computation through ``jax.debug.callback``, so it also works
-            under ``jit``), ``"nan"`` (the gradient of such samples is made NaN, so it
-            cannot be used silently) or ``"ignore"`` (best iterate, as is).
-        phantom_steps: ``k``, the number of unrolled steps of ``"phantom"`` (>= 1).
-        phantom_damping: ``lam`` in ``(0, 1]`` for ``"phantom"``.
+        on_failure: forward and (unless ``Implicit(on_failure=...)`` says otherwise) adjoint
+            failures: ``"warn"``, ``"raise"`` or ``"ignore"``. The forward's are reported
+            only when the call is not under a JAX transformation (read ``Solution.status``
+            there); the adjoint's are warned from the running computation through
+            ``jax.debug.callback`` (so under ``jit`` too), and ``"raise"`` -- which cannot
+            raise inside a transformation -- makes those samples' gradient NaN and warns.
+        backward: how the gradient is defined (:mod:`eqsolve.adapters.backward`):
+            ``eqsolve.Implicit(method, tol, max_iter, options, on_failure)`` (default
+            ``"anderson"``; also ``"neumann"``, ``"broyden"``, ``"gmres"`` or a solver
+            object), the biased ``eqsolve.Phantom(steps, damping)`` / ``eqsolve.JFB()``
+            (``"phantom"``, ``"jfb"``; see the module docstring), or ``None`` (no
+            gradient: the solve's inputs are wrapped in ``lax.stop_gradient``).
         sync_stop: ``None`` (default): under ``jax.shard_map``/``pmap`` each device stops
             when its own samples have converged. An axis name (or tuple of names) of the
             enclosing ``shard_map`` mesh / ``pmap`` / ``vmap``: the ``while_loop`` condition
@@ -193,13 +166,12 @@ def fixed_point(
         ...                        tol=1e-10).value.sum()
         >>> g = jax.jit(jax.grad(loss))(0.5)
     """
+    spec = backward_spec(backward, pop_legacy(solver_options))
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
-    cfg = _check_backward(
-        backward, backward_tol, backward_max_iter, backward_options, backward_on_failure,
-        phantom_steps, phantom_damping, max_iter,
-    )
+    check_keywords(solver, solver_options, "fixed_point", _JAX_KEYWORDS)
     sync_axes(sync_stop)  # validates; the reduction is traced inside the loop
     run = functools.partial(BACKEND.run, sync_stop=sync_stop)
+    forward_settings = {"tol": float(tol), "max_iter": int(max_iter), "on_failure": on_failure}
 
     z0 = _as_jax_state(z0)
     leaves = list(z0) if isinstance(z0, (tuple, list)) else [z0]
@@ -225,15 +197,19 @@ def fixed_point(
     def forward(z_init: Any, p: Any) -> tuple[Any, ...]:
         # eagerly the solve itself reports failures (and coupling); under a transformation
         # it cannot, and the statuses are in the Solution
-        sol = _array_fixed_point(
+        sol = solve(
             lambda z: f_params(z, p), z_init, solver=solver, tol=tol, atol=atol,
             max_iter=max_iter, batch_axis=batch_axis, on_failure=on_failure,
             sync_stop=sync_stop, **solver_options,
         )
         return sol.value, sol.residual, sol.status, sol.iterations, jnp.asarray(sol.nfev)
 
+    if spec is None:  # no gradient: nothing reaches the loop's inputs
+        out = forward(jax.lax.stop_gradient(z0), jax.lax.stop_gradient(params))
+        return _solution(out)
+
     @jax.custom_vjp
-    def solve(z_init: Any, p: Any) -> tuple[Any, ...]:
+    def solve_op(z_init: Any, p: Any) -> tuple[Any, ...]:
         return forward(z_init, p)
 
     def solve_fwd(z_init: Any, p: Any) -> tuple[tuple[Any, ...], tuple[Any, Any]]:
@@ -243,13 +219,16 @@ def fixed_point(
     def solve_bwd(res: tuple[Any, Any], cts: tuple[Any, ...]) -> tuple[Any, Any]:
         z_star, p = res
         g = structure.flatten(jnp, cts[0])
-        p_ct = _backward(cfg, structure, f_params, z_star, p, g, tol, run)
+        p_ct = _backward(spec, structure, f_params, z_star, p, g, forward_settings, run)
         z0_ct = jax.tree_util.tree_map(jnp.zeros_like, z0)
         return z0_ct, p_ct
 
-    solve.defvjp(solve_fwd, solve_bwd)
+    solve_op.defvjp(solve_fwd, solve_bwd)
+    return _solution(solve_op(z0, params))
 
-    value, residual, status, iterations, nfev = solve(z0, params)
+
+def _solution(out: tuple[Any, ...]) -> Solution:
+    value, residual, status, iterations, nfev = out
     return Solution(
         value=value,
         converged=status == int(Status.CONVERGED),
@@ -261,26 +240,27 @@ def fixed_point(
 
 
 def _backward(
-    cfg: _Backward,
+    spec: Backward,
     structure: Structure,
     f_params: Callable[[Any, Any], Any],
     z_star: Any,
     params: Any,
     g: Any,
-    forward_tol: float,
-    run: Any = None,
+    forward: dict[str, Any],
+    run: Any,
 ) -> Any:
     """Cotangent of ``params`` for the cotangent ``g`` (``(B, n)``) on ``z*`` (``(B, n)``).
 
-    ``run`` drives the adjoint loop (``BACKEND.run`` with the call's ``sync_stop``).
+    ``run`` drives the adjoint loop (``BACKEND.run`` with the call's ``sync_stop``);
+    ``forward`` holds the forward solve's tol, max_iter and on_failure (the defaults of an
+    :class:`Implicit` spec).
     """
 
     def f_flat(zf: Any, p: Any) -> Any:
         return structure.flatten(jnp, f_params(structure.unflatten(jnp, zf), p))
 
-    method = cfg.method
-    if isinstance(method, str) and method in INEXACT_METHODS:
-        steps, lam = (1, 1.0) if method == "jfb" else (cfg.phantom_steps, cfg.phantom_damping)
+    if isinstance(spec, (Phantom, JFB)):
+        steps, lam = spec.steps, spec.damping
 
         def unrolled(p: Any) -> Any:
             z = z_star  # held constant: only the k steps are differentiated
@@ -291,87 +271,34 @@ def _backward(
         _, vjp_p = jax.vjp(unrolled, params)
         return vjp_p(g)[0]
 
+    assert isinstance(spec, Implicit)
     _, vjp_z = jax.vjp(lambda zf: f_flat(zf, params), z_star)
-    eps = float(jnp.finfo(z_star.dtype).eps)
-    tol = cfg.tol if cfg.tol is not None else default_adjoint_tol(forward_tol, eps)
-    u, info = adjoint_solve(
-        jnp, lambda v: vjp_z(v)[0], g, method=method, tol=tol, max_iter=cfg.max_iter,
-        driver=BACKEND.run if run is None else run, **cfg.options,
+    u, info, tol, max_iter = solve_implicit(
+        jnp, spec, lambda v: vjp_z(v)[0], g, forward_tol=forward["tol"],
+        forward_max_iter=forward["max_iter"], forward_on_failure=forward["on_failure"],
+        driver=run, eager=False,
     )
-    failed = ~info.converged
-    if cfg.on_failure == "nan":
-        u = jnp.where(failed[:, None], jnp.asarray(jnp.nan, dtype=u.dtype), u)
-    elif cfg.on_failure == "warn":
-        label = method if isinstance(method, str) else type(method).__name__
+    if spec.resolved_on_failure(forward["on_failure"]) in ("warn", "raise"):
         jax.debug.callback(
-            _warn_backward, failed, info.residual, label, tol, cfg.max_iter
+            functools.partial(_warn_backward, method=spec.label, tol=tol, max_iter=max_iter),
+            info.status, info.residual, info.iterations,
         )
     _, vjp_p = jax.vjp(lambda p: f_flat(z_star, p), params)
     return vjp_p(u)[0]
 
 
-def _warn_backward(failed: Any, residual: Any, method: str, tol: float, max_iter: int) -> None:
-    """Host-side report of adjoint samples that did not converge (runs under jit too)."""
+def _warn_backward(status: Any, residual: Any, iterations: Any, *, method: str, tol: float,
+                   max_iter: int) -> None:
+    """Host side of the adjoint's failure report (runs under ``jit`` too): always a warning."""
     import numpy as np
 
-    failed = np.asarray(failed).reshape(-1)
-    n_bad = int(failed.sum())
-    if n_bad == 0:
-        return
-    res = np.asarray(residual).reshape(-1)[failed]
-    worst = float(np.max(res)) if np.all(np.isfinite(res)) else float("nan")
-    warnings.warn(
-        f"backward ({method!r}): the adjoint solve u = g + J^T u did not converge for "
-        f"{n_bad} of {failed.size} samples within backward_max_iter={max_iter} to "
-        f"backward_tol={tol:.3g} (largest relative residual {worst:.3g}); their gradient "
-        "is inaccurate. Try backward='gmres', a larger backward_max_iter, or "
-        "backward_on_failure='nan'",
-        ConvergenceWarning,
-        stacklevel=2,
+    status = np.asarray(status)
+    info = AdjointInfo(
+        iterations=np.asarray(iterations), residual=np.asarray(residual),
+        converged=status == int(Status.CONVERGED), status=status,
     )
-
-
-def _check_backward(
-    backward: Any,
-    backward_tol: Any,
-    backward_max_iter: Any,
-    backward_options: Any,
-    backward_on_failure: Any,
-    phantom_steps: Any,
-    phantom_damping: Any,
-    max_iter: int,
-) -> _Backward:
-    """Validate the backward arguments; errors name the offending argument."""
-    if isinstance(backward, str):
-        if backward not in BACKWARD_METHODS:
-            raise ValueError(
-                f"backward must be one of {', '.join(map(repr, BACKWARD_METHODS))} or a solver "
-                f"object, got {backward!r}"
-            )
-    elif not isinstance(backward, FixedPointSolver):
-        raise TypeError(
-            "backward must be a method name or a solver object such as eqsolve.Anderson(m=5), "
-            f"got {type(backward).__name__}"
-        )
-    backward_tol, max_iter_or_none = check_backward_limits(backward_tol, backward_max_iter)
-    backward_max_iter = max_iter if max_iter_or_none is None else max_iter_or_none
-    # type checked for every method; unknown names of adjoint methods raise now, not in grad
-    backward_options = check_backward_options(backward, backward_options)
-    if backward_options and isinstance(backward, str) and backward in INEXACT_METHODS:
-        raise TypeError(
-            f"backward_options {sorted(backward_options)} do not apply to backward={backward!r}; "
-            "use phantom_steps / phantom_damping"
-        )
-    if backward_on_failure not in BACKWARD_ON_FAILURE:
-        raise ValueError(
-            f"backward_on_failure must be one of {BACKWARD_ON_FAILURE}, got {backward_on_failure!r}"
-        )
-    phantom_steps, phantom_damping = check_phantom(phantom_steps, phantom_damping)
-    return _Backward(
-        method=backward, tol=backward_tol, max_iter=backward_max_iter,
-        options=backward_options, on_failure=backward_on_failure,
-        phantom_steps=phantom_steps, phantom_damping=phantom_damping,
-    )
+    report_adjoint(np, None, info, method=method, tol=tol, max_iter=max_iter,
+                   on_failure="warn")
 
 
 def _check_f_dtype(f_dtype: Any, state_dtype: Any) -> Any:
@@ -384,7 +311,7 @@ def _check_f_dtype(f_dtype: Any, state_dtype: Any) -> Any:
         ) from None
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"f_dtype must be a real floating dtype (e.g. jnp.bfloat16), got {dt}")
-    if jnp.finfo(dt).bits >= jnp.finfo(state_dtype).bits:
+    if jnp.finfo(dt).bits >= jnp.finfo(state_dtype).bits:  # type: ignore[no-untyped-call]
         raise ValueError(
             f"f_dtype={dt} is not a lower precision than the state's dtype {state_dtype}; "
             "f_dtype evaluates f in e.g. bfloat16 for a float32 state"

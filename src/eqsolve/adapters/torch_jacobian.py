@@ -183,4 +183,5 @@ def jacobian_reg(
             total = out[live[0]].new_zeros(() if batch_axis is None else (b,))
         est = total / (n_samples * d)
         result = est.mean() if reduction == "mean" else est
-    return result if want_graph else result.detach()
+    reg: torch.Tensor = result if want_graph else result.detach()
+    return reg

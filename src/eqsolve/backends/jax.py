@@ -136,7 +136,7 @@ def _run_traced(
     def any_over_axes(flags: Any) -> Any:
         some = jnp.any(flags)
         if axes:  # global: some sample on some device along `axes`
-            some = jax.lax.psum(some.astype(jnp.int32), axes) > 0
+            some = jax.lax.psum(some.astype(jnp.int32), axes) > 0  # type: ignore[no-untyped-call]
         return some
 
     def keep_going(s: LoopState) -> Any:
@@ -146,12 +146,13 @@ def _run_traced(
         return loop_step(jnp, f, s, solver, rule)
 
     state = jax.lax.while_loop(keep_going, body, state)
-    return jax.lax.cond(
+    out: LoopState = jax.lax.cond(
         any_over_axes(needs_verification(jnp, state)),
         lambda s: verify(jnp, f, s, solver, rule),
         lambda s: s,
         state,
     )
+    return out
 
 
 class JaxBackend:

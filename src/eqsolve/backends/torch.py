@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils.dlpack
 
 from ..core.loop import LoopState, StopRule
 from ..core.solver_base import FixedPointSolver
@@ -94,7 +95,7 @@ class TorchBackend(EagerBackend):
         if isinstance(x, torch.Tensor):
             return x
         try:
-            return torch.from_dlpack(x)
+            return torch.utils.dlpack.from_dlpack(x)
         except (BufferError, RuntimeError, TypeError, AttributeError):
             import numpy as np
 

@@ -66,10 +66,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._xp import batch_zeros, device_of, scaled_norm
+from .adjoint_loop import solve_adjoint_loop
 from .solver_base import FixedPointSolver, check_positive
 
 if TYPE_CHECKING:
-    from .adjoint import AdjointInfo
+    from .adjoint_loop import AdjointInfo
     from .driver import Driver
 
 
@@ -201,8 +202,6 @@ def gmres_solve(
         ``info.status`` (:class:`~eqsolve.core.solution.Status`; ``NONFINITE`` when the
         VJP gave NaN/inf for that sample).
     """
-    from .adjoint import solve_adjoint_loop  # adjoint imports this module lazily: no cycle
-
     check_positive("restart", restart, integer=True)
     check_positive("max_iter", max_iter, integer=True)
     if g.ndim != 2:

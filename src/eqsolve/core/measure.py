@@ -139,7 +139,8 @@ def flush_floor(xp: Any, dtype: Any, n: int) -> float:
     ``f(z) = 0.9 z`` it computes ``f(z) - z = 0`` and the rule would hold at a point that is
     not a fixed point. The floor makes the residual test certify only what survived.
     """
-    return float(n) ** 0.5 * float(xp.finfo(dtype).smallest_normal)
+    floor: float = float(n) ** 0.5 * float(xp.finfo(dtype).smallest_normal)
+    return floor
 
 
 class Measures(NamedTuple):

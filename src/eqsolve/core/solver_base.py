@@ -59,6 +59,12 @@ def solver_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def solver_option_names(name: str) -> list[str]:
+    """The hyperparameters of the registered solver ``name`` (empty for an unknown name)."""
+    cls = _REGISTRY.get(name.lower())
+    return [] if cls is None else [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+
 def make_solver(solver: str | FixedPointSolver, options: dict[str, Any]) -> FixedPointSolver:
     """Turn ``solver`` (a name or a configured object) plus keyword options into a solver.
 

@@ -17,7 +17,7 @@ would report each entry converged at a wrong point).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -146,3 +146,15 @@ def _prod(shape: tuple[int, ...]) -> int:
     for s in shape:
         out *= s
     return out
+
+
+def leaves_of(tree: Any) -> list[Any]:
+    """The arrays of a state: ``[tree]``, or the entries of a tuple/list state."""
+    return list(tree) if isinstance(tree, (tuple, list)) else [tree]
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """``fn`` applied leaf by leaf to states of one structure (tuple/list kept)."""
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(fn(*xs) for xs in zip(tree, *rest, strict=True))
+    return fn(tree, *rest)

@@ -22,15 +22,15 @@ def check_max_iter(max_iter: Any, name: str = "max_iter") -> int:
     """An int in ``[1, MAX_ITER_LIMIT]``; the error names the argument."""
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(max_iter).__name__}")
-    max_iter = int(max_iter)
-    if max_iter < 1:
-        raise ValueError(f"{name} must be >= 1, got {max_iter}")
-    if max_iter > MAX_ITER_LIMIT:
+    value = int(max_iter)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value > MAX_ITER_LIMIT:
         raise ValueError(
-            f"{name}={max_iter} is too large: iteration counts are int32, so {name} must be "
+            f"{name}={value} is too large: iteration counts are int32, so {name} must be "
             f"<= {MAX_ITER_LIMIT} (2**31 - 3)"
         )
-    return max_iter
+    return value
 
 
 def check_batch_axis(batch_axis: Any) -> None:
