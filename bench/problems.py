@@ -1,4 +1,4 @@
-"""The benchmark problems of shared/BENCHMARKS.md, held once in float64 NumPy, built on any
+"""The benchmark problems, held once in float64 NumPy, built on any
 backend (:class:`~bench.case.Case`), with float64 references.
 
 Problems (``make_problem(name, size=..., seed=...)``):

@@ -1,5 +1,5 @@
 """Small deterministic DEQ cells for tests, built from numpy.random so every backend gets
-bit-identical inputs (see shared/BENCHMARKS.md for the full-size versions)."""
+bit-identical inputs (``bench/problems.py`` holds the full-size versions)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Every method ("neumann", "anderson", "broyden" -- the forward solvers reused on the linear
 map -- and restarted "gmres") is compared with a dense float64 NumPy solve
 (``TanhCell.reference_adjoint``). The VJP is a batched product with the dense per-sample
-Jacobian, built with the backend's own arrays. Threads are pinned to one (DESIGN.md).
+Jacobian, built with the backend's own arrays. Threads are pinned to one (a small VM stalls
+with more).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from eqsolve.core.adjoint import adjoint_solve, default_adjoint_tol
 from eqsolve.core.solution import Status
 from problems import tanh_cell
 
-try:  # keep the suite single-threaded (see DESIGN.md: this VM stalls with >1 thread)
+try:  # keep the suite single-threaded (a small VM stalls with >1 thread)
     import torch
 
     torch.set_num_threads(1)

@@ -14,7 +14,7 @@ from conftest import AVAILABLE, from_numpy, to_numpy
 from eqsolve.backends import get_backend
 from problems import tanh_cell
 
-if "torch" in AVAILABLE:  # keep the suite single-threaded (DESIGN.md: >1 thread stalls here)
+if "torch" in AVAILABLE:  # keep the suite single-threaded (a small VM stalls with >1 thread)
     import torch
 
     torch.set_num_threads(1)
@@ -117,7 +117,7 @@ def test_torch_z0_with_numpy_backend():
 @pytest.mark.parametrize("backend", [b for b in AVAILABLE if b != "torch"])
 def test_torch_z0_requiring_grad_is_detached(backend):
     """A tensor that requires grad cannot be exported by DLPack or ``.numpy()``: conversion
-    must detach it (DESIGN.md, "DLPack on CPU ...")."""
+    must detach it (DLPack refuses a tensor that requires grad)."""
     cell = tanh_cell(d=8, batch=2)
     z0 = torch.zeros(2, 8, dtype=torch.float64, requires_grad=True)
 

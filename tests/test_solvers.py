@@ -18,7 +18,7 @@ from conftest import AVAILABLE, from_numpy, to_numpy
 from eqsolve import Status
 from problems import tanh_cell
 
-if "torch" in AVAILABLE:  # keep the suite single-threaded (DESIGN.md: >1 thread stalls here)
+if "torch" in AVAILABLE:  # keep the suite single-threaded (a small VM stalls with >1 thread)
     import torch
 
     torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from eqsolve.backends import get_backend
 from eqsolve.core.structure import structure_of
 from problems import tanh_cell
 
-if "torch" in AVAILABLE:  # keep the suite single-threaded (DESIGN.md: >1 thread stalls here)
+if "torch" in AVAILABLE:  # keep the suite single-threaded (a small VM stalls with >1 thread)
     import torch
 
     torch.set_num_threads(1)

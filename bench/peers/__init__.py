@@ -2,7 +2,7 @@
 
 ``peer_solvers(case, tol=..., max_iter=...)`` lists the installed peers of ``case.framework``
 as :class:`PeerSolver` rows; ``missing_peers(framework)`` gives one line per peer that is
-not installed (or fails to import). Per framework (shared/BENCHMARKS.md):
+not installed (or fails to import). Per framework:
 
 * torch: torchdeq ``anderson``, ``broyden``, ``fixed_point_iter``;
 * jax: jaxopt ``FixedPointIteration``, ``AndersonAcceleration``, ``Broyden``; optimistix

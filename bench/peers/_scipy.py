@@ -29,7 +29,7 @@ from ._common import PeerSolver, batch_size, round_sig, sample_size, scale_floor
 #: SciPy's defaults of the hyperparameters we record (scipy.optimize._nonlin)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "anderson": {"alpha": None, "w0": 0.01, "M": 5, "line_search": "armijo"},
-    # BENCHMARKS.md: alpha=1, i.e. the initial Jacobian -I of F = f(z) - z when J_f ~ 0
+    # alpha=1, i.e. the initial Jacobian -I of F = f(z) - z when J_f ~ 0
     # (SciPy's default alpha=None scales it from |z0| / |F(z0)|)
     "broyden1": {
         "alpha": 1.0,

@@ -22,13 +22,13 @@ of ``R_b``).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..core.validation import JACOBIAN_REG_REDUCTIONS, check_jacobian_reg_arguments
+from .reporting import warn
 
 __all__ = ["REDUCTIONS", "jacobian_reg"]
 
@@ -173,11 +173,10 @@ def jacobian_reg(
                 sq = _per_sample_sq(v, batch_axis)
                 total = sq if total is None else total + sq
         if total is None:  # no output depends on z at all: J = 0
-            warnings.warn(
+            warn(
                 "f(z) does not depend on z through autograd, so jacobian_reg is 0. If f "
                 "detaches z (.detach(), .data, NumPy), this is wrong.",
                 RuntimeWarning,
-                stacklevel=2,
             )
             b = 1 if batch_axis is None else z[0].shape[batch_axis]
             total = out[live[0]].new_zeros(() if batch_axis is None else (b,))

@@ -87,7 +87,9 @@ def get_backend(name: str) -> Backend:
     except ImportError as exc:
         raise BackendUnavailableError(
             f"backend {name!r} needs the package {package!r}, which is not installed; "
-            f"install it with: pip install '{extra}'"
+            f"install it with: pip install -c constraints.txt '{extra}' (from a clone of "
+            "eqsolve: constraints.txt pins the CPU build of torch; without it pip may fetch "
+            "several GB of CUDA wheels)"
         ) from exc
     module = importlib.import_module(f"{__name__}.{_MODULES.get(name, name)}")
     backend: Backend = module.BACKEND
