@@ -181,8 +181,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy on src/ (settings in pyproject.toml)."""
-    _install(session, "-e", ".", "mypy")
+    """mypy --strict on src/ (settings in pyproject.toml), with torch and jax installed so
+    the adapters are checked against the frameworks' own type hints."""
+    _install(session, "-e", ".[torch,jax]", "mypy")
     session.run("mypy", *(session.posargs or ["src"]))
 
 
