@@ -162,7 +162,7 @@ def test_backend_package_imports_without_cupy():
         try:
             eqsolve.cupy.solve(np.cos, np.zeros((2, 2)))
         except eqsolve.BackendUnavailableError as exc:
-            assert "pip install 'eqsolve[cupy]'" in str(exc), exc
+            assert "pip install -c constraints.txt 'eqsolve[cupy]'" in str(exc), exc
         else:
             raise AssertionError("no BackendUnavailableError")
         assert not [m for m in sys.modules if m.split(".")[0] == "cupy"]

@@ -491,7 +491,8 @@ def test_backend_not_installed_message(monkeypatch, name):
 def test_backend_import_blocked(monkeypatch, name, extra):
     """``sys.modules[name] = None`` makes ``import name`` fail like a missing package."""
     monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(BackendUnavailableError, match=rf"pip install '{re_escape(extra)}'"):
+    hint = rf"pip install -c constraints.txt '{re_escape(extra)}'"
+    with pytest.raises(BackendUnavailableError, match=hint):
         eqsolve.fixed_point(CountingMap(), np.zeros((B, D)), backend=name)
     with pytest.raises(BackendUnavailableError, match=rf"'{name}'"):
         get_backend(name)
@@ -506,7 +507,8 @@ def re_escape(s: str) -> str:
 def test_cupy_unavailable_message():
     """Without cupy: the install hint. With cupy but no GPU: a message about the GPU."""
     if importlib.util.find_spec("cupy") is None:
-        with pytest.raises(BackendUnavailableError, match=r"pip install 'eqsolve\[cupy\]'"):
+        hint = r"pip install -c constraints.txt 'eqsolve\[cupy\]'"
+        with pytest.raises(BackendUnavailableError, match=hint):
             eqsolve.fixed_point(CountingMap(), np.zeros((B, D)), backend="cupy")
         return
     import cupy
