@@ -181,9 +181,28 @@ def test_every_adapter_accepts_the_objects_and_legacy_keywords(name, call):
     if name == "cupy":  # no autodiff of f's parameters there: said, not ignored
         with pytest.raises(ValueError, match="eqsolve.cupy supports backward=eqsolve.Implicit"):
             call(backward=eqsolve.Phantom())
+        with pytest.raises(ValueError, match="for no gradient use eqsolve.cupy.solve"):
+            call(backward=None)
     else:
         call(backward=eqsolve.Phantom(2, 0.5))
         call(backward=eqsolve.JFB())
+        assert bool(call(backward=None).converged.all())
+
+
+@JAX
+def test_jax_backward_none_gives_zero_gradient_not_an_error():
+    import jax
+    import jax.numpy as jnp
+
+    import eqsolve.jax as ej
+
+    def loss(w):
+        sol = ej.fixed_point(lambda z, w: jnp.tanh(w * z + 1.0), jnp.zeros((2, 3)), w,
+                             tol=1e-10, backward=None)
+        return sol.value.sum()
+
+    assert float(jax.grad(loss)(0.5)) == 0.0
+    assert float(jax.jit(jax.grad(loss))(0.5)) == 0.0
 
 
 def _slow_neumann_torch(on_failure, spec):
