@@ -124,7 +124,7 @@ class Anderson(FixedPointSolver):
         mixed = xp.matmul(a, state.X)[:, 0, :]
         mixed = mixed + mixed_g if self.beta == 1.0 else mixed + self.beta * mixed_g
         l1 = xp.sum(xp.abs(alpha), axis=1)
-        ok = xp.isfinite(l1) & (l1 <= self.max_coefficient)
+        ok = l1 <= self.max_coefficient  # False for NaN and inf too (max_coefficient is finite)
         # eagerly (k a Python int), one host read spares the plain step and the (B, n)
         # selection on the usual step where no sample needs the safeguard
         if isinstance(k, int) and bool(xp.all(ok)):

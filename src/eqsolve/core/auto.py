@@ -41,6 +41,12 @@ from typing import Any, NamedTuple
 from .anderson import Anderson, AndersonState
 from .solver_base import check_positive, register
 
+#: eagerly, batches at least this large compute the mixing only for their started samples
+#: while those are at most half of the batch (torch on the CPU, tanh cell: time / floor went
+#: from 6.0 to 3.4 at B = 4096, n = 64 and from 2.5 to 2.2 at B = 1024, n = 128; at B = 256
+#: it was 1.3 both ways at n = 512 and mixed at n = 128)
+SUBSET_MIN_BATCH = 512
+
 
 class AutoState(NamedTuple):
     X: Any  # (B, m, n) as in AndersonState
@@ -74,11 +80,32 @@ class AutoAnderson(Anderson):
 
     def propose(self, xp: Any, state: Any, z: Any, g: Any, k: Any) -> Any:
         plain = z + g if self.beta == 1.0 else z + self.beta * g
-        # eagerly, one host read: while no sample has started, the step is plain iteration
-        if isinstance(k, int) and not bool(xp.any(state.started)):
-            return plain
+        if isinstance(k, int):  # eagerly, one host read decides how much mixing to compute
+            batch = int(state.started.shape[0])
+            count = int(xp.sum(xp.astype(state.started, xp.int32)))
+            if count == 0:  # no sample has started: the step is plain iteration
+                return plain
+            if batch >= SUBSET_MIN_BATCH and 2 * count <= batch:
+                return self._propose_started(xp, state, z, g, k, plain)
         mixed = super().propose(xp, _anderson(state), z, g, k)
         return xp.where(state.started[:, None], mixed, plain)
+
+    def _propose_started(self, xp: Any, state: Any, z: Any, g: Any, k: Any, plain: Any) -> Any:
+        """Eagerly, with at most half of a large batch started: the mixing computed for the
+        started samples only (per sample it is the same computation; its small solves are
+        what a large batch pays for), gathered back into place without a scatter (which the
+        Array API does not have)."""
+        idx = xp.nonzero(state.started)[0]
+
+        def rows(a: Any) -> Any:
+            return xp.take(a, idx, axis=0)
+
+        sub = AndersonState(rows(state.X), rows(state.G), rows(state.H), rows(state.inv_scale))
+        mixed = super().propose(xp, sub, rows(z), rows(g), k)
+        # row b of `spread` is row (number of started samples up to b) - 1 of `mixed`
+        pos = xp.cumulative_sum(xp.astype(state.started, xp.int64)) - 1
+        spread = xp.take(mixed, xp.where(pos < 0, xp.zeros_like(pos), pos), axis=0)
+        return xp.where(state.started[:, None], spread, plain)
 
     def update(self, xp: Any, state: Any, z: Any, g: Any, z_new: Any, g_new: Any, k: Any) -> Any:
         # squared residual norms of the newest history entry before (slot k % m) and after

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .measure import grew, limits, measure, plain_norm, rule_ratio, runaway
+from .measure import grew, limits, measure, plain_norm, rule_ratio, runaway, within_growth
 from .solution import Status
 from .solver_base import FixedPointSolver
 
@@ -240,18 +240,19 @@ def loop_step_all_active(
     z = solver.propose(xp, state.solver, state.z, state.g, state.k)
     fz = f(z)
     g = fz - z
-    lo, hi = limits(xp, z.dtype)
-    g_norm, g_safe = plain_norm(xp, g, lo, hi)
-    f_norm, f_safe = plain_norm(xp, fz, lo, hi)
-    # safe rows have g_norm > 0 and f_norm > 0: these are measure()'s values bit for bit
+    lo, _ = limits(xp, z.dtype)
+    g_norm = plain_norm(xp, g)
+    f_norm = plain_norm(xp, fz)
+    # rows with both norms >= lo (so > 0) are measure()'s values bit for bit, if also below
+    # the upper limit; that one needs no test of its own: a norm beyond it is inf (the sum of
+    # squares overflowed), and then the ratio is 0, inf or NaN, which the ratio tests reject
     rel = g_norm / f_norm
     ratio = rule_ratio(xp, g_norm, f_norm, rel, rule.tol, rule.atol, rule.floor, z)
     ok = (
-        g_safe
-        & f_safe
+        (xp.minimum(g_norm, f_norm) >= lo)
         & (ratio > 1)
         & (ratio < state.best_ratio)
-        & ~grew(xp, g_norm, state.g0_norm)
+        & within_growth(xp, g_norm, state.g0_norm)  # (a NaN g_norm failed `ratio > 1`)
     )
     if not bool(xp.all(ok)):
         new = record(xp, state, solver, rule, z, fz)

@@ -31,13 +31,15 @@ point, or one not determined to the tolerance) fails it; for any map with ``sigm
 on the path it always holds. A second divergence test needs no candidate point: the
 residual growing by more than :data:`RESIDUAL_GROWTH` over its initial value.
 
-**Norms that neither underflow nor overflow.** ``sqrt(<a, a>)`` loses every entry below
-``sqrt(smallest normal)`` (1e-154 in float64, 1e-19 in float32; XLA on the CPU even flushes
-subnormal squares to zero) and overflows above ``sqrt(max)``. Rows whose sum of squares is
-within ``[sqrt(smallest normal), max]`` are accurate as they are (each lost square is below
-``smallest normal``, a relative error under ``n sqrt(smallest normal)``); other rows are
-recomputed max-scaled (:func:`~eqsolve.core._xp.scaled_norm`), so a state of 1e-170 or
-1e200 entries is measured exactly like one of 1.
+**Norms that neither underflow nor overflow.** The plain norm ``vector_norm(a)`` (one
+reduction, ``sqrt(<a, a>)`` in every library) loses every entry below ``sqrt(smallest
+normal)`` (1e-154 in float64, 1e-19 in float32; XLA on the CPU even flushes subnormal squares
+to zero) and overflows above ``sqrt(max)``. Rows whose norm is within ``[smallest
+normal^(1/4), sqrt(max)]`` (a sum of squares within ``[sqrt(smallest normal), max]``) are
+accurate as they are (each lost square is below ``smallest normal``, a relative error under
+``n sqrt(smallest normal)``); other rows are recomputed max-scaled
+(:func:`~eqsolve.core._xp.scaled_norm`), so a state of 1e-170 or 1e200 entries is measured
+exactly like one of 1.
 """
 
 from __future__ import annotations
@@ -53,23 +55,24 @@ _LIMITS: dict[tuple[str, str, str], tuple[float, float]] = {}
 
 
 def limits(xp: Any, dtype: Any) -> tuple[float, float]:
-    """``(sqrt(finfo.smallest_normal), finfo.max)`` of ``dtype``, cached (``finfo`` is slow).
+    """``(finfo.smallest_normal ** 0.25, sqrt(finfo.max))`` of ``dtype``, cached (``finfo``
+    is slow).
 
-    A sum of squares within these bounds gives an accurate 2-norm without rescaling.
+    A plain 2-norm within these bounds (a sum of squares within ``[sqrt(smallest normal),
+    max]``) is accurate without rescaling.
     """
     # keyed by strings: dtype objects of different libraries must never be compared
     key = (type(dtype).__module__, type(dtype).__qualname__, str(dtype))
     value = _LIMITS.get(key)
     if value is None:
         info = xp.finfo(dtype)
-        value = _LIMITS[key] = (float(info.smallest_normal) ** 0.5, float(info.max))
+        value = _LIMITS[key] = (float(info.smallest_normal) ** 0.25, float(info.max) ** 0.5)
     return value
 
 
-def plain_norm(xp: Any, a: Any, lo: float, hi: float) -> tuple[Any, Any]:
-    """``(sqrt(<a_b, a_b>), safe)`` per row: the fast norm and whether it is accurate."""
-    ss = xp.vecdot(a, a)
-    return xp.sqrt(ss), (ss >= lo) & (ss <= hi)
+def plain_norm(xp: Any, a: Any) -> Any:
+    """``sqrt(<a_b, a_b>)`` per row, in one reduction (accurate within :func:`limits`)."""
+    return xp.linalg.vector_norm(a, axis=1)
 
 
 def robust_norm(xp: Any, a: Any, eager: bool = False) -> Any:
@@ -80,7 +83,8 @@ def robust_norm(xp: Any, a: Any, eager: bool = False) -> Any:
     host read skips the scaled norm when every row is accurate (the usual case).
     """
     lo, hi = limits(xp, a.dtype)
-    plain, safe = plain_norm(xp, a, lo, hi)
+    plain = plain_norm(xp, a)
+    safe = (plain >= lo) & (plain <= hi)
     if eager and bool(xp.all(safe)):
         return plain
     return xp.where(safe, plain, scaled_norm(xp, a))
@@ -191,3 +195,8 @@ def runaway(
 def grew(xp: Any, g_norm: Any, g0_norm: Any) -> Any:
     """Where the residual has grown more than :data:`RESIDUAL_GROWTH` times its initial size."""
     return g_norm > RESIDUAL_GROWTH * g0_norm
+
+
+def within_growth(xp: Any, g_norm: Any, g0_norm: Any) -> Any:
+    """``~grew`` where ``g_norm`` is not NaN (there both are False): one operation less."""
+    return g_norm <= RESIDUAL_GROWTH * g0_norm
