@@ -23,7 +23,7 @@ TORCH = pytest.mark.skipif(
 
 #: upper bounds on non-view ATen operations per step, beyond f's own (on this problem every
 #: sample of "auto" has started mixing: it costs Anderson's step plus the plain one)
-BOUNDS = {"picard": 18, "anderson": 57, "auto": 65}
+BOUNDS = {"picard": 18, "anderson": 50, "auto": 58}
 #: the counts on the same problem before issue 12's first changes (main of 2026-12-01)
 BEFORE = {"picard": 28, "anderson": 72, "auto": 79}
 

@@ -32,6 +32,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -39,6 +40,20 @@ import array_api_extra as xpx
 
 from ._xp import batch_zeros, device_of, inverse_norm, set_at
 from .solver_base import FixedPointSolver, check_positive, register
+
+#: eagerly built ``reg * I`` matrices, by (m, reg, dtype, device): one array less per step
+_RIDGES: dict[tuple[int, float, str, str], Any] = {}
+
+
+def _ridge(xp: Any, m: int, reg: float, dtype: Any, device: Any, cache: bool) -> Any:
+    """``reg * I`` (m x m); cached when eager (under a JAX trace it is a traced constant)."""
+    if not cache:
+        return reg * xp.eye(m, dtype=dtype, device=device)
+    key = (m, reg, f"{type(dtype).__module__}.{dtype}", str(device))
+    value = _RIDGES.get(key)
+    if value is None:
+        value = _RIDGES[key] = reg * xp.eye(m, dtype=dtype, device=device)
+    return value
 
 
 class AndersonState(NamedTuple):
@@ -90,9 +105,13 @@ class Anderson(FixedPointSolver):
         """Per-sample ``alpha`` (B, m) for Gram ``H`` with ``min(k+1, m)`` filled slots."""
         m = self.m
         dtype = H.dtype
+        eager = isinstance(k, int)
         # a full history (eager k is a Python int) needs no mask: every slot is filled
-        full = isinstance(k, int) and k + 1 >= m
-        H = xp.where(xp.isfinite(H), H, xp.zeros_like(H))  # a NaN sample must not poison the solve
+        full = eager and k + 1 >= m
+        # a NaN sample must not poison the solve; eagerly one sum tells that none is there (a
+        # finite sum means finite entries; an overflowing one only takes the guarded path)
+        if not eager or not math.isfinite(float(xp.sum(H))):
+            H = xp.where(xp.isfinite(H), H, xp.zeros_like(H))
         d = xp.linalg.diagonal(H)  # (B, m): squared residual norms
         d = xp.where(d > 0, d, xp.ones_like(d))  # empty slot or exactly-zero residual
         dinv = 1.0 / xp.sqrt(d)
@@ -102,11 +121,11 @@ class Anderson(FixedPointSolver):
         reg = self.regularization
         if reg is None:
             reg = max(1e-10, 10.0 * float(xp.finfo(dtype).eps))
-        eye = xp.eye(m, dtype=dtype, device=device_of(H))
         if full:
-            A = Hs + reg * eye
+            A = Hs + _ridge(xp, m, reg, dtype, device_of(H), cache=eager)
             s = dinv
         else:
+            eye = xp.eye(m, dtype=dtype, device=device_of(H))
             valid = xp.astype(xp.arange(m, device=device_of(H)) < (k + 1), dtype)  # (m,)
             # filled slots get the relative ridge, empty ones an identity row (so y_i = 0)
             A = Hs + eye * (reg * valid + (1.0 - valid))
