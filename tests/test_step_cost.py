@@ -86,6 +86,8 @@ def test_auto_mixing_on_the_started_samples_only_gives_the_same_result(backend, 
                                                                        monkeypatch):
     """A batch large enough that the eager step mixes only its started samples: every sample
     gets what the whole-batch mixing gives it (same iterations, values to rounding)."""
+    if backend == "jax":
+        pytest.skip("JAX runs the loop compiled (k is traced): the eager shortcut never applies")
     rng = np.random.default_rng(1)
     B, n = 600, 16
     W = rng.standard_normal((n, n))
@@ -108,3 +110,31 @@ def test_auto_mixing_on_the_started_samples_only_gives_the_same_result(backend, 
     np.testing.assert_array_equal(to_numpy(subset.iterations), to_numpy(whole.iterations))
     atol = 1e-5 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(to_numpy(subset.value), to_numpy(whole.value), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("solver", ["anderson", "auto"])
+def test_elementwise_history_products_give_the_matmul_result(backend, solver, monkeypatch):
+    """Eagerly, many short rows take Anderson's products over the history elementwise: the
+    same iterations and values (to rounding) as the batched matrix products."""
+    from eqsolve.core import anderson
+
+    if backend == "jax":
+        pytest.skip("JAX runs the loop compiled (k is traced): the eager shortcut never applies")
+    rng = np.random.default_rng(2)
+    B, n = 600, 16
+    W = rng.standard_normal((n, n))
+    W *= 0.95 / np.linalg.norm(W, 2)
+    Wt, xs = (from_numpy(a, backend) for a in (W.T.copy(), rng.standard_normal((B, n))))
+    xp = eqsolve.backends.get_backend(backend).xp
+
+    def f(z):
+        return xp.tanh(z @ Wt + xs)
+
+    z0 = from_numpy(np.zeros((B, n)), backend)
+    assert n <= anderson.SHORT_ROW and B >= anderson.MANY_ROWS  # the premise
+    short = eqsolve.solve(f, z0, solver=solver, tol=1e-10, max_iter=200)
+    monkeypatch.setattr(anderson, "MANY_ROWS", 10**9)
+    full = eqsolve.solve(f, z0, solver=solver, tol=1e-10, max_iter=200)
+    assert bool(to_numpy(short.converged).all())
+    np.testing.assert_array_equal(to_numpy(short.iterations), to_numpy(full.iterations))
+    np.testing.assert_allclose(to_numpy(short.value), to_numpy(full.value), rtol=0, atol=1e-12)
