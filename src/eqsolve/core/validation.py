@@ -142,3 +142,18 @@ def check_jacobian_reg_arguments(n_samples: Any, batch_axis: Any, reduction: Any
         raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
     if reduction not in JACOBIAN_REG_REDUCTIONS:
         raise ValueError(f"reduction must be one of {JACOBIAN_REG_REDUCTIONS}, got {reduction!r}")
+
+
+def check_spectral_radius_arguments(iters: Any, rtol: Any, batch_axis: Any) -> None:
+    """The framework-independent arguments of ``spectral_radius`` (torch and jax).
+
+    Raises:
+        ValueError: ``iters`` not an int >= 0, or ``rtol`` not a finite float in (0, 1).
+        TypeError: ``batch_axis`` neither an int nor None.
+    """
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol < 1:
+        raise ValueError(f"rtol must be a float in (0, 1), got {rtol!r}")
+    if batch_axis is not None and (isinstance(batch_axis, bool) or not isinstance(batch_axis, int)):
+        raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
