@@ -67,8 +67,8 @@ def test_deq_cells_match_dense_eigenvalues() -> None:
 
 
 def test_complex_pair_is_exact() -> None:
-    """A rotation-like block with eigenvalues 0.7 e^{+-i} plus a smaller block: plain power iteration never
-    settles (||Jv|| oscillates), the Ritz step gives sqrt(det H) = 0.7."""
+    """A rotation-like block with eigenvalues 0.7 e^{+-i} plus a smaller block: plain power
+    iteration never settles (||Jv|| oscillates), the Ritz step gives sqrt(det H) = 0.7."""
     B, n = 8, 6
     J = np.zeros((B, n, n))
     c, s = np.cos(1.0), np.sin(1.0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .adapters.backward import BACKWARD_ON_FAILURE, JFB, Implicit, Phantom
 from .adapters.jax import BACKWARD_METHODS, fixed_point
+from .adapters.jax_dropout import variational_dropout
 from .adapters.jax_jacobian import jacobian_reg
 from .adapters.jax_spectral import SpectralRadius, spectral_radius
 from .adapters.reporting import deprecated_getattr
@@ -23,7 +24,7 @@ from .core.solution import ConvergenceError, ConvergenceWarning, Solution, Statu
 __all__ = [
     "BACKWARD_METHODS", "BACKWARD_ON_FAILURE", "JFB", "AdjointInfo", "ConvergenceError",
     "ConvergenceWarning", "Implicit", "Phantom", "Solution", "SpectralRadius", "Status",
-    "fixed_point", "jacobian_reg", "spectral_radius",
+    "fixed_point", "jacobian_reg", "spectral_radius", "variational_dropout",
 ]
 
 #: names of the previous release (the method groups are now the spec's kinds)

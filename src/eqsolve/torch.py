@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .adapters.backward import JFB, Implicit, Phantom
 from .adapters.torch import ADJOINT_METHODS, BACKWARD_METHODS, DEQ, fixed_point
+from .adapters.torch_dropout import VariationalDropout
 from .adapters.torch_jacobian import jacobian_reg
 from .adapters.torch_spectral import SpectralRadius, spectral_radius
 from .core.adjoint import AdjointInfo
@@ -19,6 +20,6 @@ from .core.solution import ConvergenceError, ConvergenceWarning, Solution
 
 __all__ = [
     "ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "JFB", "AdjointInfo", "ConvergenceError",
-    "ConvergenceWarning", "Implicit", "Phantom", "Solution", "SpectralRadius", "fixed_point",
-    "jacobian_reg", "spectral_radius",
+    "ConvergenceWarning", "Implicit", "Phantom", "Solution", "SpectralRadius",
+    "VariationalDropout", "fixed_point", "jacobian_reg", "spectral_radius",
 ]

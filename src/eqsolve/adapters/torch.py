@@ -90,6 +90,7 @@ from .backward import (
     solve_implicit,
 )
 from .reporting import warn
+from .torch_dropout import dropout_watch, solve_scope
 from .torch_precision import check_f_dtype, precision_f
 
 __all__ = ["ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "fixed_point"]
@@ -284,6 +285,31 @@ def fixed_point(
         >>> sol.value.sum().backward(); W.grad.shape
         torch.Size([3, 3])
     """
+    with solve_scope():  # one solve: eqsolve.torch.VariationalDropout draws one mask in it
+        return _fixed_point(
+            f, z0, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
+            batch_axis=batch_axis, backward=backward, on_failure=on_failure,
+            on_backward=on_backward, sync_stop=sync_stop, f_dtype=f_dtype, **solver_options,
+        )
+
+
+def _fixed_point(
+    f: Callable[[Any], Any],
+    z0: Any,
+    *,
+    solver: str | FixedPointSolver,
+    tol: float,
+    atol: float,
+    max_iter: int,
+    batch_axis: BatchAxis,
+    backward: Backward | str | FixedPointSolver | None,
+    on_failure: str,
+    on_backward: Callable[[AdjointInfo], None] | None,
+    sync_stop: Any,
+    f_dtype: torch.dtype | None,
+    **solver_options: Any,
+) -> Solution:
+    """:func:`fixed_point` inside its solve scope."""
     spec = backward_spec(backward, pop_legacy(solver_options))
     check_sync_stop(sync_stop)
     f_dtype = check_f_dtype(f_dtype)
@@ -302,6 +328,7 @@ def fixed_point(
         f = precision_f(f, first.dtype, f_dtype, first.device.type)
     wants_grad = spec is not None and torch.is_grad_enabled()
     f_solve, needs_grad = _probing(f) if wants_grad else (f, lambda: False)
+    f_solve = dropout_watch(f_solve)
     sol = solve(
         f_solve, z0_detached, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
         batch_axis=batch_axis, backend="torch", on_failure=on_failure, sync_stop=sync_stop,
