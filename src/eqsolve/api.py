@@ -8,7 +8,7 @@ is imported only when the arrays are PyTorch's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat as aac
@@ -39,6 +39,7 @@ def fixed_point(
     on_failure: str = "warn",
     sync_stop: Any = None,
     backward: Backward | str | FixedPointSolver | None = "anderson",
+    states: Sequence[int] | None = None,
     **solver_options: Any,
 ) -> Solution:
     """Find ``z`` with ``z = f(z)``; differentiable on PyTorch.
@@ -72,7 +73,7 @@ def fixed_point(
             z0 = type(z0)(convert(t) for t in z0) if isinstance(z0, (tuple, list)) else convert(z0)
         return torch_fixed_point(
             f, z0, solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
-            on_failure=on_failure, backward=backward,
+            on_failure=on_failure, backward=backward, states=states,
             sync_stop=False if sync_stop is None else sync_stop, **solver_options,
         )
     backward_spec(backward, pop_legacy(solver_options))  # validated: no autodiff here
@@ -85,7 +86,8 @@ def fixed_point(
     check_keywords(solver, solver_options, "fixed_point")
     return solve(
         f, z0, solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
-        backend=backend, on_failure=on_failure, sync_stop=sync_stop, **solver_options,
+        backend=backend, on_failure=on_failure, sync_stop=sync_stop, states=states,
+        **solver_options,
     )
 
 

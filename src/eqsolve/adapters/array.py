@@ -9,7 +9,7 @@ core loop, and reports failures (:mod:`eqsolve.adapters.reporting`).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat as aac
@@ -21,7 +21,7 @@ from ..core.precision import OnGrid, widened, working_dtype
 from ..core.solution import Solution, Status
 from ..core.solver_base import FixedPointSolver, make_solver, solver_option_names
 from ..core.structure import BatchAxis, structure_of
-from ..core.validation import check_arguments, check_f_output, check_state_arrays
+from ..core.validation import check_arguments, check_f_output, check_state_arrays, check_states
 from .reporting import report_coupling, report_failures
 
 __all__ = ["ENTRY_KEYWORDS", "check_keywords", "solve"]
@@ -29,6 +29,7 @@ __all__ = ["ENTRY_KEYWORDS", "check_keywords", "solve"]
 #: the keyword arguments of the entry points, for "did you mean" hints
 ENTRY_KEYWORDS: tuple[str, ...] = (
     "solver", "tol", "atol", "max_iter", "batch_axis", "backend", "on_failure", "sync_stop",
+    "states",
     "backward", "f_dtype", "on_backward",
 )
 
@@ -83,6 +84,7 @@ def solve(
     backend: str | None = None,
     on_failure: str = "warn",
     sync_stop: Any = None,
+    states: Sequence[int] | None = None,
     **solver_options: Any,
 ) -> Solution:
     """Find ``z`` with ``z = f(z)``, per sample along ``batch_axis`` (no gradients).
@@ -140,6 +142,10 @@ def solve(
             when it is not initialised) or a ``torch.distributed.ProcessGroup``. JAX: the
             name (or tuple of names) of an enclosing ``shard_map``/``pmap``/``vmap`` axis.
             Other backends: unsupported (``ValueError``).
+        states: iterations ``(k_1, ..., k_S)`` in ``[0, max_iter]`` whose iterates to
+            return in ``Solution.states`` (iteration 0 is ``z0``; a sample that stopped
+            before ``k_i`` gives its returned value): the intermediate states of a
+            fixed-point correction loss. ``None`` (default): none kept, no cost.
         **solver_options: hyperparameters of the named solver, e.g. ``m=5`` for Anderson;
             unknown names raise ``TypeError``.
 
@@ -154,6 +160,7 @@ def solve(
         (True, 0.739085)
     """
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
+    record_at = check_states(states, max_iter)
     check_keywords(solver, solver_options, "solve")
     solver_obj = make_solver(solver, solver_options)
 
@@ -194,7 +201,7 @@ def solve(
         f_flat = widened(xp, f_flat, low, wide)
         z_start, solver_obj = xp.astype(z_start, wide), OnGrid(solver_obj, low)
     floor = flush_floor(xp, z_start.dtype, structure.n) if be.flushes_subnormals else 0.0
-    rule = StopRule(float(tol), float(atol), int(max_iter), floor)
+    rule = StopRule(float(tol), float(atol), int(max_iter), floor, record_at)
     state = be.run(f_flat, z_start, solver_obj, rule, sync_stop=sync_stop)
     best = state.best_z if wide is None else xp.astype(state.best_z, low)
 
@@ -211,6 +218,11 @@ def solve(
         residual=per_sample(state.best_res),
         status=status,
         nfev=state.k + 1,
+        states=None if state.trace is None else tuple(
+            structure.unflatten(xp, state.trace[i, ...] if wide is None
+                                else xp.astype(state.trace[i, ...], low))
+            for i in range(len(record_at))
+        ),
     )
     if on_failure != "ignore" and not be.is_traced(state.status):
         report_coupling(xp, per_sample(state.reopened))

@@ -49,7 +49,7 @@ of float32 ``args`` come back in float32 (the transpose of a cast is a cast).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat as aac
@@ -61,7 +61,7 @@ from ..core.adjoint import AdjointInfo
 from ..core.solution import Solution, Status
 from ..core.solver_base import FixedPointSolver
 from ..core.structure import BatchAxis, Structure, structure_of
-from ..core.validation import check_arguments, check_state_arrays
+from ..core.validation import check_arguments, check_state_arrays, check_states
 from .array import check_keywords, solve
 from .backward import (
     ADJOINT_METHODS,
@@ -94,6 +94,7 @@ def fixed_point(
     backward: Backward | str | FixedPointSolver | None = "anderson",
     sync_stop: str | tuple[str, ...] | None = None,
     f_dtype: Any = None,
+    states: Sequence[int] | None = None,
     **solver_options: Any,
 ) -> Solution:
     """Differentiable fixed point ``z* = f(z*, *args)`` for JAX (``jit``/``vmap``/``grad``).
@@ -140,6 +141,12 @@ def fixed_point(
             ``args`` to include them). Choose ``tol`` above the precision of ``f``: a
             relative residual of a few units of roundoff of ``f_dtype`` (bfloat16 ``2**-8``,
             float16 ``2**-11``) is the floor, e.g. ``tol=1e-2`` for bfloat16.
+        states: iterations ``(k_1, ..., k_S)`` for a fixed-point correction loss (Bai,
+            Koltun & Kolter, CVPR 2022): ``Solution.states`` holds the solver's own iterate
+            at each (a sample that stopped earlier gives its returned value), each
+            differentiable with the chosen ``backward`` as if it were the fixed point
+            (implicit: its own adjoint solve at that point, run only when its cotangent is
+            used; phantom/JFB: unrolled steps from it).
 
     Returns:
         A :class:`eqsolve.Solution`. ``value`` is differentiable (reverse mode). The other
@@ -169,6 +176,7 @@ def fixed_point(
     spec = backward_spec(backward, pop_legacy(solver_options))
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
     check_keywords(solver, solver_options, "fixed_point", _JAX_KEYWORDS)
+    record_at = check_states(states, max_iter)
     sync_axes(sync_stop)  # validates; the reduction is traced inside the loop
     run = functools.partial(BACKEND.run, sync_stop=sync_stop)
     forward_settings = {"tol": float(tol), "max_iter": int(max_iter), "on_failure": on_failure}
@@ -200,9 +208,10 @@ def fixed_point(
         sol = solve(
             lambda z: f_params(z, p), z_init, solver=solver, tol=tol, atol=atol,
             max_iter=max_iter, batch_axis=batch_axis, on_failure=on_failure,
-            sync_stop=sync_stop, **solver_options,
+            sync_stop=sync_stop, states=record_at, **solver_options,
         )
-        return sol.value, sol.residual, sol.status, sol.iterations, jnp.asarray(sol.nfev)
+        return (sol.value, sol.residual, sol.status, sol.iterations, jnp.asarray(sol.nfev),
+                sol.states)
 
     if spec is None:  # no gradient: nothing reaches the loop's inputs
         out = forward(jax.lax.stop_gradient(z0), jax.lax.stop_gradient(params))
@@ -212,24 +221,36 @@ def fixed_point(
     def solve_op(z_init: Any, p: Any) -> tuple[Any, ...]:
         return forward(z_init, p)
 
-    def solve_fwd(z_init: Any, p: Any) -> tuple[tuple[Any, ...], tuple[Any, Any]]:
+    def solve_fwd(z_init: Any, p: Any) -> tuple[tuple[Any, ...], tuple[Any, Any, Any]]:
         out = forward(z_init, p)
-        return out, (structure.flatten(jnp, out[0]), p)
+        points = (out[0], *(out[5] or ()))  # z* and the correction states
+        return out, (tuple(structure.flatten(jnp, z) for z in points), p, z_init)
 
-    def solve_bwd(res: tuple[Any, Any], cts: tuple[Any, ...]) -> tuple[Any, Any]:
-        z_star, p = res
-        g = structure.flatten(jnp, cts[0])
-        p_ct = _backward(spec, structure, f_params, z_star, p, g, forward_settings, run)
-        z0_ct = jax.tree_util.tree_map(jnp.zeros_like, z0)
+    def solve_bwd(res: tuple[Any, Any, Any], cts: tuple[Any, ...]) -> tuple[Any, Any]:
+        points, p, z_init = res
+        p_ct = None
+        for z, ct in zip(points, (cts[0], *(cts[5] or ())), strict=True):
+            # each point's gradient as if it were the fixed point (implicit: its own adjoint
+            # solve; an unused state's zero cotangent is a zero fixed point, met at once)
+            g = structure.flatten(jnp, ct)
+            ct_p = _backward(spec, structure, f_params, z, p, g, forward_settings, run)
+            p_ct = ct_p if p_ct is None else jax.tree_util.tree_map(_add_cotangents, p_ct, ct_p)
+        z0_ct = jax.tree_util.tree_map(jnp.zeros_like, z_init)
         return z0_ct, p_ct
 
     solve_op.defvjp(solve_fwd, solve_bwd)
     return _solution(solve_op(z0, params))
 
 
+def _add_cotangents(a: Any, b: Any) -> Any:
+    """Sum of two cotangents of one input (``float0`` ones, of integer/key inputs, stay)."""
+    return a if a.dtype == jax.dtypes.float0 else a + b
+
+
 def _solution(out: tuple[Any, ...]) -> Solution:
-    value, residual, status, iterations, nfev = out
+    value, residual, status, iterations, nfev, states = out
     return Solution(
+        states=states,
         value=value,
         converged=status == int(Status.CONVERGED),
         iterations=iterations,

@@ -66,7 +66,7 @@ The backward is given by one specification shared with the other adapters
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -77,7 +77,7 @@ from ..core.adjoint import AdjointInfo
 from ..core.solution import Solution
 from ..core.solver_base import FixedPointSolver, make_solver
 from ..core.structure import BatchAxis, Structure, leaves_of, structure_of, tree_map
-from ..core.validation import check_arguments
+from ..core.validation import check_arguments, check_states
 from .array import check_keywords, solve
 from .backward import (
     ADJOINT_METHODS,
@@ -216,6 +216,7 @@ def fixed_point(
     on_backward: Callable[[AdjointInfo], None] | None = None,
     sync_stop: Any = False,
     f_dtype: torch.dtype | None = None,
+    states: Sequence[int] | None = None,
     **solver_options: Any,
 ) -> Solution:
     """Differentiable fixed point ``z* = f(z*)`` of a PyTorch function.
@@ -264,6 +265,15 @@ def fixed_point(
             state, residuals, adjoint and gradients stay float32/64 (also without the
             argument inside an enclosing autocast region). Choose ``tol`` above the
             precision of ``f``, e.g. ``tol=1e-2`` for bfloat16.
+        states: iterations ``(k_1, ..., k_S)`` for a fixed-point correction loss (Bai,
+            Koltun & Kolter, "Deep Equilibrium Optical Flow Estimation", CVPR 2022):
+            ``Solution.states`` holds the solver's own iterate at each (a sample that
+            stopped earlier gives its returned value), each carrying the gradient chosen
+            by ``backward`` as if it were the fixed point (implicit: its own adjoint solve
+            at that point; phantom/JFB: unrolled steps from it), so a loss
+            ``sum_i w_i loss(states[i]) + loss(value)`` supervises the trajectory. Each
+            state costs one more call of ``f`` (``Phantom(k)``: ``k``) and, implicitly, one
+            more adjoint solve in backward.
 
     Returns:
         A :class:`eqsolve.Solution` whose ``value`` is always the solver's ``z*`` (the
@@ -289,7 +299,8 @@ def fixed_point(
         return _fixed_point(
             f, z0, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
             batch_axis=batch_axis, backward=backward, on_failure=on_failure,
-            on_backward=on_backward, sync_stop=sync_stop, f_dtype=f_dtype, **solver_options,
+            on_backward=on_backward, sync_stop=sync_stop, f_dtype=f_dtype, states=states,
+            **solver_options,
         )
 
 
@@ -307,6 +318,7 @@ def _fixed_point(
     on_backward: Callable[[AdjointInfo], None] | None,
     sync_stop: Any,
     f_dtype: torch.dtype | None,
+    states: Sequence[int] | None,
     **solver_options: Any,
 ) -> Solution:
     """:func:`fixed_point` inside its solve scope."""
@@ -332,20 +344,51 @@ def _fixed_point(
     sol = solve(
         f_solve, z0_detached, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
         batch_axis=batch_axis, backend="torch", on_failure=on_failure, sync_stop=sync_stop,
-        **solver_options,
+        states=states, **solver_options,
     )
     if spec is None or not wants_grad or not needs_grad():
         return sol
 
-    z_star = sol.value
+    forward = {"tol": float(tol), "max_iter": int(max_iter), "on_failure": on_failure}
+
+    def attach(point: Any) -> Any:
+        return _with_gradient(f, point, spec, batch_axis, forward, on_backward, sync_stop)
+
+    extra = 1 if isinstance(spec, Implicit) else spec.steps  # calls of f per point
+    value = attach(sol.value)
+    if sol.states is None:
+        return sol._replace(value=value, nfev=sol.nfev + extra)
+    return sol._replace(
+        value=value,
+        states=tuple(attach(s) for s in sol.states),
+        nfev=sol.nfev + extra * (1 + len(sol.states)),
+    )
+
+
+def _with_gradient(
+    f: Callable[[Any], Any],
+    z_star: Any,
+    spec: Backward,
+    batch_axis: BatchAxis,
+    forward: dict[str, Any],
+    on_backward: Callable[[AdjointInfo], None] | None,
+    sync_stop: Any,
+) -> Any:
+    """``z_star`` exactly, carrying the gradient ``spec`` gives it as a fixed point of ``f``.
+
+    Implicit: one differentiable ``f(z_star)`` through :class:`_ImplicitAdjoint` (whose
+    backward solves ``u = g + J_f(z_star)^T u``); phantom/JFB: ``k`` damped steps from the
+    detached ``z_star``. ``forward`` holds the forward solve's tol, max_iter and on_failure.
+    """
     if isinstance(spec, (Phantom, JFB)):
         z = tree_map(lambda t: t.detach(), z_star)
         lam = spec.damping
         for _ in range(spec.steps):
             fz = f(z)
             z = fz if lam == 1.0 else tree_map(lambda a, b: (1.0 - lam) * a + lam * b, z, fz)
-        return sol._replace(value=tree_map(_carry_grad, z_star, z), nfev=sol.nfev + spec.steps)
+        return tree_map(_carry_grad, z_star, z)
 
+    assert isinstance(spec, Implicit)
     xp = BACKEND.xp
     structure: Structure = structure_of(z_star, batch_axis)
     z_leaf = structure.flatten(xp, z_star).detach().requires_grad_(True)
@@ -358,12 +401,11 @@ def _fixed_point(
             ".data, go through NumPy, or run under torch.no_grad()?). Pass backward=None "
             "if no gradient is wanted."
         )
-    forward = {"tol": float(tol), "max_iter": int(max_iter), "on_failure": on_failure}
     link = _AdjointLink(out_flat, z_leaf, spec, forward, on_backward, sync_stop)
     carrier = structure.unflatten(
         xp, _ImplicitAdjoint.apply(out_flat, link)  # type: ignore[no-untyped-call]
     )
-    return sol._replace(value=tree_map(_carry_grad, z_star, carrier), nfev=sol.nfev + 1)
+    return tree_map(_carry_grad, z_star, carrier)
 
 
 def _carry_grad(value: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
@@ -391,7 +433,8 @@ class DEQ(nn.Module):
     ``torch.no_grad()`` for graph-free inference, which also skips the extra call of ``f``).
 
     Args: the keyword arguments of :func:`fixed_point` (validated here, at construction;
-    a shorthand ``backward`` is stored as the object it means).
+    a shorthand ``backward`` is stored as the object it means). With ``states=(k_1, ...)``
+    the layer returns ``(value, states)`` (a fixed-point correction, see there).
 
     Distributed / mixed precision: the layer works inside ``DistributedDataParallel`` with
     default settings; pass ``sync_stop=True`` when the cell contains a collective
@@ -420,6 +463,7 @@ class DEQ(nn.Module):
         on_failure: str = "warn",
         sync_stop: Any = False,
         f_dtype: torch.dtype | None = None,
+        states: Sequence[int] | None = None,
         **solver_options: Any,
     ):
         super().__init__()
@@ -429,10 +473,11 @@ class DEQ(nn.Module):
         check_sync_stop(sync_stop)
         check_f_dtype(f_dtype)
         make_solver(solver, dict(solver_options))
+        record_at = check_states(states, max_iter)
         self.options: dict[str, Any] = dict(
             solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
             backward=spec, on_failure=on_failure, sync_stop=sync_stop, f_dtype=f_dtype,
-            **solver_options,
+            states=record_at or None, **solver_options,
         )
         self.last_solution = None
         self.last_adjoint_info = None
@@ -441,10 +486,23 @@ class DEQ(nn.Module):
         self.last_adjoint_info = info
 
     def forward(self, f: Callable[[Any], Any], z0: Any) -> Any:
-        """Solve ``z = f(z)`` from ``z0``; the differentiable value (see :func:`fixed_point`)."""
+        """Solve ``z = f(z)`` from ``z0``; the differentiable value (see :func:`fixed_point`).
+
+        With ``states=`` set: the pair ``(value, states)``, ``states`` the tuple of
+        differentiable intermediate iterates of :func:`fixed_point`.
+        """
         sol = fixed_point(f, z0, on_backward=self._record_adjoint, **self.options)
-        self.last_solution = sol._replace(value=tree_map(lambda t: t.detach(), sol.value))
-        return sol.value
+
+        def detached(tree: Any) -> Any:
+            return tree_map(lambda t: t.detach(), tree)
+
+        self.last_solution = sol._replace(
+            value=detached(sol.value),
+            states=None if sol.states is None else tuple(detached(s) for s in sol.states),
+        )
+        if self.options["states"] is None:
+            return sol.value
+        return sol.value, sol.states
 
     def extra_repr(self) -> str:
         shown = {

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ._xp import device_of
 from .measure import grew, limits, measure, plain_norm, rule_ratio, runaway, within_growth
 from .solution import Status
 from .solver_base import FixedPointSolver
@@ -55,12 +56,18 @@ class StopRule:
 
     ``floor``: on backends that flush subnormal results to zero, the most that flushing can
     hide of ``||f(z) - z||`` (:func:`~eqsolve.core.measure.flush_floor`); 0 elsewhere.
+
+    ``record_at``: iterations whose evaluated points the loop keeps in ``LoopState.trace``
+    (the states of a fixed-point correction, :func:`trace_iterates`). Not part of the rule,
+    but like it the loop's static configuration, which every driver passes through
+    unchanged (and the JAX backend uses as part of its compile-cache key).
     """
 
     tol: float
     atol: float
     max_iter: int
     floor: float = 0.0
+    record_at: tuple[int, ...] = ()
 
 
 class LoopState(NamedTuple):
@@ -79,6 +86,7 @@ class LoopState(NamedTuple):
     g0: Any  # (B, n) its residual
     g0_norm: Any  # (B,) its norm (the residual-growth test's base)
     solver: Any  # the solver's own NamedTuple state
+    trace: Any = None  # (S, B, n) the points of rule.record_at (trace_iterates), else None
 
 
 def _full(xp: Any, like: Any, code: int) -> Any:
@@ -110,7 +118,31 @@ def loop_init(
         g0=m.g,
         g0_norm=m.g_norm,
         solver=solver.init(xp, z0, m.g),
+        trace=xp.stack([z0] * len(rule.record_at)) if rule.record_at else None,
     )
+
+
+def trace_iterates(xp: Any, state: LoopState, rule: StopRule) -> LoopState:
+    """Keep ``state.z`` in every slot ``i`` of ``state.trace`` with ``record_at[i] >= k``.
+
+    So at the end slot ``i`` holds the point evaluated at iteration ``min(record_at[i], K)``
+    (``K`` the loop's last iteration): the solver's own iterate ``z_{record_at[i]}``, or for
+    a loop that ended earlier its last point -- where every stopped sample is parked at the
+    value it returns. A sample that stopped before ``record_at[i]`` likewise holds its
+    returned value there. Eagerly a slot past its iteration costs nothing; under JAX one
+    ``(S, B, n)`` selection per step (only when states are requested).
+    """
+    if not rule.record_at:
+        return state
+    at = rule.record_at
+    if isinstance(state.k, int):
+        hit = [a >= state.k for a in at]
+        if not any(hit):
+            return state
+        mask = xp.asarray(hit, device=device_of(state.z))
+    else:
+        mask = xp.asarray(at, dtype=xp.int32) >= state.k
+    return state._replace(trace=xp.where(mask[:, None, None], state.z[None, ...], state.trace))
 
 
 def propose_point(xp: Any, state: LoopState, solver: FixedPointSolver) -> Any:
@@ -197,7 +229,7 @@ def loop_step(
 ) -> LoopState:
     """One iteration: propose, evaluate ``f`` once, record, test, update best."""
     z = propose_point(xp, state, solver)
-    return record(xp, state, solver, rule, z, f(z))
+    return trace_iterates(xp, record(xp, state, solver, rule, z, f(z)), rule)
 
 
 def needs_verification(xp: Any, state: LoopState) -> Any:
@@ -255,7 +287,7 @@ def loop_step_all_active(
         & within_growth(xp, g_norm, state.g0_norm)  # (a NaN g_norm failed `ratio > 1`)
     )
     if not bool(xp.all(ok)):
-        new = record(xp, state, solver, rule, z, fz)
+        new = trace_iterates(xp, record(xp, state, solver, rule, z, fz), rule)
         return new, bool(xp.all(new.active))
     fast = state._replace(
         z=z,
@@ -268,4 +300,4 @@ def loop_step_all_active(
         k=state.k + 1,
         solver=solver.update(xp, state.solver, state.z, state.g, z, g, state.k),
     )
-    return fast, True
+    return trace_iterates(xp, fast, rule), True

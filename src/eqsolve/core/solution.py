@@ -56,6 +56,11 @@ class Solution(NamedTuple):
             iterations``, plus one when the returned values had to be evaluated once more
             at the end (a budget that ran out on a non-monotone residual, NaN/inf). A Python
             int on eager backends, a 0-d array under JAX.
+        states: ``None``, or with ``states=(k_1, ..., k_S)`` a tuple of ``S`` points like
+            ``value``: the solver's own iterate at iteration ``k_i`` for each sample (its
+            returned value if it stopped earlier), for a fixed-point correction loss (Bai,
+            Koltun & Kolter, CVPR 2022). The torch and JAX adapters attach the chosen
+            gradient to each.
     """
 
     value: Any
@@ -64,6 +69,7 @@ class Solution(NamedTuple):
     residual: Any
     status: Any
     nfev: Any
+    states: Any = None
 
 
 class ConvergenceWarning(UserWarning):

@@ -144,16 +144,46 @@ def check_jacobian_reg_arguments(n_samples: Any, batch_axis: Any, reduction: Any
         raise ValueError(f"reduction must be one of {JACOBIAN_REG_REDUCTIONS}, got {reduction!r}")
 
 
-def check_spectral_radius_arguments(iters: Any, rtol: Any, batch_axis: Any) -> None:
+def check_spectral_radius_arguments(iters: Any, krylov: Any, rtol: Any, batch_axis: Any) -> None:
     """The framework-independent arguments of ``spectral_radius`` (torch and jax).
 
     Raises:
-        ValueError: ``iters`` not an int >= 0, or ``rtol`` not a finite float in (0, 1).
+        ValueError: ``iters`` not an int >= 0, ``krylov`` not 0 or an int >= 2, or ``rtol``
+            not a float in (0, 1).
         TypeError: ``batch_axis`` neither an int nor None.
     """
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    if isinstance(krylov, bool) or not isinstance(krylov, int) or krylov < 0 or krylov == 1:
+        raise ValueError(f"krylov must be 0 (no Arnoldi stage) or an int >= 2, got {krylov!r}")
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol < 1:
         raise ValueError(f"rtol must be a float in (0, 1), got {rtol!r}")
     if batch_axis is not None and (isinstance(batch_axis, bool) or not isinstance(batch_axis, int)):
         raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
+
+
+def check_states(states: Any, max_iter: int) -> tuple[int, ...]:
+    """``states=`` of the solves: iterations in ``[0, max_iter]``, as a tuple (``()`` for None).
+
+    Raises:
+        TypeError: not a sequence of ints (a bare int is refused: say ``(k,)``).
+        ValueError: an iteration outside ``[0, max_iter]``, or a repeated one.
+    """
+    if states is None:
+        return ()
+    if isinstance(states, (int, str, bytes)) or not hasattr(states, "__iter__"):
+        raise TypeError(
+            f"states must be a sequence of iterations (ints), e.g. (5, 10, 15), got {states!r}"
+        )
+    for k in tuple(states):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"states must hold ints, got {k!r} in {states!r}")
+    out = tuple(int(k) for k in states)
+    for k in out:
+        if not 0 <= k <= max_iter:
+            raise ValueError(
+                f"states entries must lie in [0, max_iter={max_iter}], got {k} in {states!r}"
+            )
+    if len(set(out)) != len(out):
+        raise ValueError(f"states has a repeated iteration: {states!r}")
+    return out

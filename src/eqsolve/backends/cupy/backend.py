@@ -46,7 +46,8 @@ class CupyBackend(EagerBackend):
         rule: StopRule,
         sync_stop: Any = None,
     ) -> LoopState:
-        if self.stop_reducer(sync_stop) is not None:  # (raises: no process groups on CuPy)
+        # the fused kernels keep no trace of iterates: states= runs the generic loop
+        if self.stop_reducer(sync_stop) is not None or rule.record_at:
             return super().run(f, z0, solver, rule, sync_stop)
         return run_cupy(self.xp, f, z0, solver, rule)
 
