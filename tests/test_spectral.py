@@ -10,8 +10,6 @@ matrices (a Ritz value with residual ``r`` lies within ``r`` of an eigenvalue).
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -25,11 +23,11 @@ needs_torch = pytest.mark.skipif("torch" not in AVAILABLE, reason="torch backend
 needs_jax = pytest.mark.skipif("jax" not in AVAILABLE, reason="jax backend not selected")
 
 
-def _dense(J: np.ndarray, iters: int, rtol: float, seed: int = 0):
+def _dense(J: np.ndarray, iters: int, rtol: float, seed: int = 0, krylov: int = 0):
     B, n, _ = J.shape
     v0 = np.random.default_rng(seed).standard_normal((B, n))
     return spectral_radius_from_matvec(
-        np, lambda v: np.einsum("bij,bj->bi", J, v), v0, iters=iters, rtol=rtol
+        np, lambda v: np.einsum("bij,bj->bi", J, v), v0, iters=iters, krylov=krylov, rtol=rtol
     )
 
 
@@ -55,15 +53,39 @@ def _tanh_cell(B: int = 48, d: int = 12, seed: int = 0, norm: float = 0.9):
 
 
 def test_deq_cells_match_dense_eigenvalues() -> None:
-    W, x, z, J = _tanh_cell(B=256, d=16)
-    res = _dense(J, iters=200, rtol=1e-4)
+    """Power iteration alone (krylov=0) converges slowly on these circular spectra, and its
+    flag says so; with the Arnoldi stage (the defaults: 50 + 30 products) every sample
+    converges to the dense value."""
+    W, x, z, J = _tanh_cell(B=256, d=32)
     true = _true_radius(J)
-    c = res.converged
-    assert c.mean() >= 0.7, c.mean()
-    err = np.abs(res.radius - true) / true
+    power = _dense(J, iters=80, rtol=1e-4)
+    c = power.converged
+    assert 0.05 < c.mean() < 0.9, c.mean()
+    err = np.abs(power.radius - true) / true
     assert err[c].max() < 1e-3, err[c].max()
-    # unconverged samples are the ones further off (the flag carries information)
-    assert np.median(err[~c]) > np.median(err[c])
+    assert np.median(err[~c]) > np.median(err[c])  # the flag carries information
+    res = _dense(J, iters=50, krylov=30, rtol=1e-4)
+    assert res.converged.all()
+    np.testing.assert_allclose(res.radius, true, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "symmetric", "nonnormal"])
+def test_arnoldi_stage_on_random_spectra(kind: str) -> None:
+    rng = np.random.default_rng(5)
+    B, n = 64, 48
+    A = rng.standard_normal((B, n, n)) / np.sqrt(n)
+    if kind == "symmetric":
+        A = (A + A.transpose(0, 2, 1)) / np.sqrt(2)
+    if kind == "nonnormal":  # moderately non-normal: a triangular part of size 0.3
+        A = np.triu(0.3 * A, 1) + np.diag(rng.uniform(-1, 1, n))[None]
+    res = _dense(A, iters=50, krylov=30, rtol=1e-3)
+    true = _true_radius(A)
+    c = res.converged
+    assert c.mean() >= 0.9, c.mean()
+    # a converged estimate of a normal J is within its residual of an eigenvalue; in
+    # general it is accurate to rtol-ish here (the dense check is the independent one)
+    np.testing.assert_allclose(res.radius[c], true[c], rtol=1e-3 if kind != "nonnormal"
+                               else 2e-2)
 
 
 def test_complex_pair_is_exact() -> None:
@@ -81,6 +103,8 @@ def test_complex_pair_is_exact() -> None:
     res = _dense(J, iters=60, rtol=1e-6)
     assert res.converged.all()
     np.testing.assert_allclose(res.radius, 0.7, rtol=1e-8)
+    with_arnoldi = _dense(J, iters=0, krylov=6, rtol=1e-6)
+    np.testing.assert_allclose(with_arnoldi.radius, 0.7, rtol=1e-8)
     # the plain power-iteration ratio is not 0.7: what the Ritz step is for
     v = np.random.default_rng(0).standard_normal((B, n))
     for _ in range(60):
@@ -95,22 +119,25 @@ def test_equal_modulus_real_pair_and_zero() -> None:
     J = np.zeros((B, n, n))
     J[:, range(n), range(n)] = np.random.default_rng(1).uniform(-0.5, 0.5, (B, n))
     J[:, 0, 0], J[:, 1, 1] = 0.9, -0.9
-    res = _dense(J, iters=80, rtol=1e-6)
-    assert res.converged.all()
-    np.testing.assert_allclose(res.radius, 0.9, rtol=1e-8)
-    zero = _dense(np.zeros((3, 5, 5)), iters=5, rtol=1e-3)
-    assert np.all(zero.radius == 0) and zero.converged.all()
+    for krylov in (0, 7):
+        res = _dense(J, iters=80, rtol=1e-6, krylov=krylov)
+        assert res.converged.all()
+        np.testing.assert_allclose(res.radius, 0.9, rtol=1e-8)
+        zero = _dense(np.zeros((3, 5, 5)), iters=5, rtol=1e-3, krylov=krylov)
+        assert np.all(zero.radius == 0) and zero.converged.all()
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 12), iters=st.integers(0, 60))
-def test_symmetric_converged_is_an_eigenvalue(seed: int, n: int, iters: int) -> None:
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 12), iters=st.integers(0, 60),
+       krylov=st.sampled_from([0, 2, 3, 8, 20]))
+def test_symmetric_converged_is_an_eigenvalue(seed: int, n: int, iters: int,
+                                              krylov: int) -> None:
     """Bauer-Fike for a symmetric J: a converged estimate is within its residual (<= rtol *
     radius) of the modulus of an eigenvalue, and never above rho by more than that."""
     rng = np.random.default_rng(seed)
     S = rng.standard_normal((16, n, n))
     J = (S + S.transpose(0, 2, 1)) / 2
-    res = _dense(J, iters=iters, rtol=1e-3, seed=seed % 1000)
+    res = _dense(J, iters=iters, rtol=1e-3, seed=seed % 1000, krylov=krylov)
     ev = np.abs(np.linalg.eigvalsh(J))
     gap = np.abs(ev - res.radius[:, None]).min(axis=-1)
     c = res.converged
@@ -134,24 +161,18 @@ def test_torch_matches_dense_and_warns() -> None:
         return torch.tanh(s @ Wt.T + xt)
 
     g = torch.Generator().manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        res = et.spectral_radius(f, zt, iters=300, rtol=1e-4, generator=g)
+    res = et.spectral_radius(f, zt, rtol=1e-4, generator=g)  # defaults: every sample converges
     true = _true_radius(J)
-    c = res.converged.numpy()
-    assert c.mean() >= 0.7
-    np.testing.assert_allclose(res.radius.numpy()[c], true[c], rtol=1e-3)
+    assert bool(res.converged.all())
+    np.testing.assert_allclose(res.radius.numpy(), true, rtol=1e-6)
     assert res.radius.dtype == torch.float64 and not res.radius.requires_grad
-    with pytest.warns(ConvergenceWarning, match="did not converge in 0 power steps"):
-        et.spectral_radius(f, zt, iters=0, generator=g)
+    with pytest.warns(ConvergenceWarning, match="iters=0 power steps and krylov=0"):
+        et.spectral_radius(f, zt, iters=0, krylov=0, generator=g)
     # one sample, the whole state: batch_axis=None on sample 0 gives its own radius
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        one = et.spectral_radius(lambda s: torch.tanh(s @ Wt.T + xt[0]), zt[0], iters=300,
-                                 rtol=1e-4, batch_axis=None)
-    assert one.radius.shape == ()
-    if bool(one.converged):
-        np.testing.assert_allclose(float(one.radius), true[0], rtol=1e-3)
+    one = et.spectral_radius(lambda s: torch.tanh(s @ Wt.T + xt[0]), zt[0], rtol=1e-4,
+                             batch_axis=None)
+    assert one.radius.shape == () and bool(one.converged)
+    np.testing.assert_allclose(float(one.radius), true[0], rtol=1e-6)
 
 
 @needs_torch
@@ -190,6 +211,8 @@ def test_torch_bad_arguments() -> None:
     z = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="iters"):
         et.spectral_radius(lambda s: s, z, iters=-1)
+    with pytest.raises(ValueError, match="krylov"):
+        et.spectral_radius(lambda s: s, z, krylov=1)
     with pytest.raises(ValueError, match="rtol"):
         et.spectral_radius(lambda s: s, z, rtol=float("nan"))
     with pytest.raises(TypeError, match="batch_axis"):
@@ -220,22 +243,22 @@ def test_jax_matches_dense_jit_vmap() -> None:
         return jnp.tanh(s @ W.T + x)
 
     true = _true_radius(J)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        res = spectral_radius(f, jnp.asarray(z), W, x, iters=300, rtol=1e-4)
-    c = np.asarray(res.converged)
-    assert c.mean() >= 0.7
-    np.testing.assert_allclose(np.asarray(res.radius)[c], true[c], rtol=1e-3)
-    jitted = jax.jit(lambda z, W, x: spectral_radius(f, z, W, x, iters=300, rtol=1e-4))
-    rj = jitted(jnp.asarray(z), W, x)  # no warning under jit: read converged
+    res = spectral_radius(f, jnp.asarray(z), W, x, rtol=1e-4)
+    assert bool(res.converged.all())
+    np.testing.assert_allclose(np.asarray(res.radius), true, rtol=1e-6)
+    jitted = jax.jit(lambda z, W, x: spectral_radius(f, z, W, x, rtol=1e-4))
+    rj = jitted(jnp.asarray(z), W, x)
     np.testing.assert_allclose(np.asarray(rj.radius), np.asarray(res.radius), rtol=1e-10)
-    np.testing.assert_array_equal(np.asarray(rj.converged), c)
-    per = jax.vmap(lambda zi, xi: spectral_radius(f, zi, W, xi, iters=300, rtol=1e-4,
+    per = jax.vmap(lambda zi, xi: spectral_radius(f, zi, W, xi, rtol=1e-4,
                                                   batch_axis=None))(jnp.asarray(z), x)
-    cv = np.asarray(per.converged)
-    np.testing.assert_allclose(np.asarray(per.radius)[cv], true[cv], rtol=1e-3)
+    assert bool(per.converged.all())
+    np.testing.assert_allclose(np.asarray(per.radius), true, rtol=1e-6)
     with pytest.warns(ConvergenceWarning, match="did not converge"):
-        spectral_radius(f, jnp.asarray(z), W, x, iters=0)
+        spectral_radius(f, jnp.asarray(z), W, x, iters=0, krylov=0)
+    # under jit nothing is warned: the flags say it
+    flags = jax.jit(lambda z: spectral_radius(f, z, W, x, iters=0, krylov=0).converged)(
+        jnp.asarray(z))
+    assert not bool(flags.all())
 
 
 @needs_jax

@@ -1,8 +1,9 @@
 """Spectral radius of ``J_f(z*)`` per sample for JAX, from vector-Jacobian products.
 
 The JAX twin of :mod:`eqsolve.adapters.torch_spectral`: ``rho(J_f(z*))`` by power iteration
-on ``J^T`` with a two-dimensional Rayleigh-Ritz step (:mod:`eqsolve.core.spectral`), from one
-``jax.vjp`` of ``f`` at ``z*`` and ``iters + 2`` products through it. The power steps run in
+on ``J^T``, Arnoldi and a Rayleigh-Ritz step with a residual test
+(:mod:`eqsolve.core.spectral`), from one ``jax.vjp`` of ``f`` at ``z*`` and
+``iters + krylov + 2`` products through it. The power and Arnoldi steps run in
 ``lax.fori_loop``, so the function is ``jit``-able without unrolling and ``vmap``-able.
 """
 
@@ -27,7 +28,8 @@ def spectral_radius(
     z_star: Any,
     *args: Any,
     key: Any = None,
-    iters: int = 100,
+    iters: int = 50,
+    krylov: int = 30,
     rtol: float = 1e-3,
     batch_axis: int | None = 0,
 ) -> SpectralRadius:
@@ -35,9 +37,9 @@ def spectral_radius(
 
     Same method, promise and limits as :func:`eqsolve.torch.spectral_radius` (see there and
     :mod:`eqsolve.core.spectral`): ``converged`` means the Ritz residual is at most
-    ``rtol * radius``. Costs one ``jax.vjp`` of ``f`` and ``iters + 2`` VJPs; works under
-    ``jit`` (``iters`` static) and ``vmap``. Not differentiable (``z*`` and ``args`` are
-    wrapped in ``lax.stop_gradient``). Eagerly, unconverged samples give a
+    ``rtol * radius``. Costs one ``jax.vjp`` of ``f`` and ``iters + krylov + 2`` VJPs; works
+    under ``jit`` (``iters`` and ``krylov`` static) and ``vmap``. Not differentiable (``z*``
+    and ``args`` are wrapped in ``lax.stop_gradient``). Eagerly, unconverged samples give a
     ``ConvergenceWarning``; under ``jit`` read ``converged``.
 
     Args:
@@ -46,7 +48,8 @@ def spectral_radius(
             ``batch_axis``.
         *args: passed to ``f``.
         key: a ``jax.random`` key for the start vector; ``None``: ``jax.random.key(0)``.
-        iters: power steps (``>= 0``, a Python int).
+        iters: power steps (``>= 0``, a Python int) before the Arnoldi stage.
+        krylov: Arnoldi steps (``0``: none; else ``>= 2``), as in the torch version.
         rtol: relative tolerance of the residual test, in ``(0, 1)``.
         batch_axis: the axis of independent samples; ``None``: the whole state is one sample.
 
@@ -61,7 +64,7 @@ def spectral_radius(
         >>> [round(float(x), 4) for x in r.radius]
         [0.5, 0.5, 0.5]
     """
-    check_spectral_radius_arguments(iters, rtol, batch_axis)
+    check_spectral_radius_arguments(iters, krylov, rtol, batch_axis)
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     z = jax.tree_util.tree_map(lambda t: jax.lax.stop_gradient(jnp.asarray(t)), z_star)
@@ -112,10 +115,11 @@ def spectral_radius(
     k = jax.random.key(0) if key is None else key
     v0 = jax.random.normal(k, (b, sum(widths)), work)
 
-    def loop(n: int, body: Callable[[Any], Any], v: Any) -> Any:
-        return jax.lax.fori_loop(0, n, lambda _, w: body(w), v)
+    def loop(n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
+        return jax.lax.fori_loop(0, n, body, carry)
 
-    res = spectral_radius_from_matvec(jnp, matvec, v0, iters=iters, rtol=rtol, loop=loop)
+    res = spectral_radius_from_matvec(jnp, matvec, v0, iters=iters, krylov=krylov,
+                                      rtol=rtol, loop=loop)
     dtype = leaves[0].dtype
     radius, residual, converged = res.radius.astype(dtype), res.residual.astype(dtype), \
         res.converged
@@ -124,6 +128,7 @@ def spectral_radius(
     if not isinstance(converged, jax.core.Tracer):
         bad = int(jnp.sum(~converged))
         if bad:
-            warn(unconverged_message(bad, int(converged.size), iters, rtol), ConvergenceWarning)
+            message = unconverged_message(bad, int(converged.size), iters, krylov, rtol)
+            warn(message, ConvergenceWarning)
     return SpectralRadius(radius=radius, residual=residual, converged=converged,
-                          iterations=iters)
+                          iterations=res.iterations)

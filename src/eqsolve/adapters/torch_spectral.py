@@ -3,9 +3,9 @@
 ``rho(J_f(z*))`` tells how contractive a DEQ cell is at its equilibrium: plain iteration
 converges locally iff ``rho < 1`` and the adjoint solve of the implicit backward has the same
 spectrum. DEQ papers log it during training (Bai, Kolter & Koltun, "Deep Equilibrium Models",
-NeurIPS 2019; Bai, Koltun & Kolter, ICML 2021). The estimate is the power iteration with a
-two-dimensional Rayleigh-Ritz step of :mod:`eqsolve.core.spectral`, run on ``J^T`` (same
-eigenvalues as ``J``): one call of ``f`` with a graph, then ``iters + 2`` products
+NeurIPS 2019; Bai, Koltun & Kolter, ICML 2021). The estimate (power steps, Arnoldi, a
+Rayleigh-Ritz step with a residual test: :mod:`eqsolve.core.spectral`) runs on ``J^T`` (same
+eigenvalues as ``J``): one call of ``f`` with a graph, then ``iters + krylov + 2`` products
 ``u -> u^T J`` through that graph (``torch.autograd.grad`` with ``retain_graph``), so any
 ``f`` autograd can differentiate works and no Jacobian is formed.
 """
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..backends.torch import BACKEND
 from ..core.solution import ConvergenceWarning
 from ..core.spectral import SpectralRadius, spectral_radius_from_matvec, unconverged_message
 from ..core.validation import check_spectral_radius_arguments
@@ -33,18 +34,20 @@ def spectral_radius(
     f: Callable[[Any], Any],
     z_star: Any,
     *,
-    iters: int = 100,
+    iters: int = 50,
+    krylov: int = 30,
     rtol: float = 1e-3,
     generator: torch.Generator | None = None,
     batch_axis: int | None = 0,
 ) -> SpectralRadius:
     """Estimate ``rho(J_f(z*))``, the spectral radius of the cell's Jacobian, per sample.
 
-    Power iteration on ``J^T`` from a random start, then a Rayleigh-Ritz step on the plane
-    ``span{v, J^T v}`` (exact for a dominant complex-conjugate pair, where plain power
-    iteration oscillates); see :mod:`eqsolve.core.spectral` for the method and its limits.
-    Costs one call of ``f`` and ``iters + 2`` vector-Jacobian products. Nothing is
-    differentiable: this is a diagnostic (``z*`` is detached, the result carries no graph).
+    ``iters`` power steps on ``J^T`` from a random start, ``krylov`` Arnoldi steps, then a
+    Rayleigh-Ritz step on the plane ``span{v, J^T v}`` with a residual test; see
+    :mod:`eqsolve.core.spectral` for the method and its limits. Costs one call of ``f`` and
+    ``iters + krylov + 2`` vector-Jacobian products, and ``krylov`` state-sized vectors of
+    memory. Nothing is differentiable: this is a diagnostic (``z*`` is detached, the result
+    carries no graph).
 
     What ``converged`` promises: the Ritz residual ``||J^T y - lambda y||`` (unit ``y``) is at
     most ``rtol * radius``. For a normal ``J`` an eigenvalue then lies within ``residual`` of
@@ -59,8 +62,11 @@ def spectral_radius(
         z_star: the point, usually ``sol.value``: a floating tensor, or a tuple/list of
             tensors sharing ``batch_axis`` (a multiscale state: the Jacobian is then that of
             the whole tuple).
-        iters: power steps (``>= 0``). The error shrinks like ``(|lambda_3| / rho)^iters``;
-            on random DEQ-like cells ``100`` converges most samples to ``rtol=1e-3``.
+        iters: power steps (``>= 0``) before the Arnoldi stage.
+        krylov: Arnoldi steps (``0``: none, power iteration only; else ``>= 2``). On random
+            tanh cells of width 64 (float64, checked against dense eigenvalues in the
+            tests) the defaults converge every sample; power iteration alone needs several
+            hundred steps there.
         rtol: relative tolerance of the residual test, in ``(0, 1)``.
         generator: ``torch.Generator`` for the start vector (on the device of ``z_star``);
             ``None`` uses the global RNG.
@@ -83,7 +89,7 @@ def spectral_radius(
         >>> [round(float(x), 4) for x in r.radius]
         [0.5, 0.5, 0.5]
     """
-    check_spectral_radius_arguments(iters, rtol, batch_axis)
+    check_spectral_radius_arguments(iters, krylov, rtol, batch_axis)
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     leaves = _leaves(z_star)
@@ -147,7 +153,8 @@ def spectral_radius(
         v0 = torch.randn(b, sum(widths), generator=generator, dtype=work,
                          device=leaves[0].device)
         with torch.no_grad():
-            res = spectral_radius_from_matvec(torch, matvec, v0, iters=iters, rtol=rtol)
+            res = spectral_radius_from_matvec(BACKEND.xp, matvec, v0, iters=iters, krylov=krylov,
+                                              rtol=rtol)
     dtype = leaves[0].dtype
     radius, residual, converged = (
         (t.to(dtype) if t.is_floating_point() else t) for t in res[:3]
@@ -156,6 +163,7 @@ def spectral_radius(
         radius, residual, converged = radius[0], residual[0], converged[0]
     bad = int((~converged).sum())
     if bad:
-        warn(unconverged_message(bad, converged.numel(), iters, rtol), ConvergenceWarning)
+        message = unconverged_message(bad, converged.numel(), iters, krylov, rtol)
+        warn(message, ConvergenceWarning)
     return SpectralRadius(radius=radius, residual=residual, converged=converged,
-                          iterations=iters)
+                          iterations=res.iterations)

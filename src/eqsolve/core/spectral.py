@@ -3,32 +3,34 @@
 DEQ papers watch ``rho(J_f(z*))`` during training: it says how contractive the layer is at its
 equilibrium (plain iteration converges locally iff ``rho < 1``, at the rate ``rho``; the
 adjoint system ``u = g + J^T u`` has the same spectrum). Forming ``J`` costs ``n`` products;
-this estimates ``rho`` with about ``iters + 2`` products ``v -> J v`` and no dense matrix.
+this estimates ``rho`` with ``iters + krylov + 2`` products ``v -> J v`` and no dense matrix.
 
-Method (power iteration with a two-dimensional Rayleigh-Ritz step; Saad, "Numerical Methods
-for Large Eigenvalue Problems", 2nd ed., SIAM 2011, sections 4.1 and 4.3):
+Method (Saad, "Numerical Methods for Large Eigenvalue Problems", 2nd ed., SIAM 2011,
+sections 4.1, 4.3 and 6.2):
 
-1. ``v_{k+1} = J v_k / ||J v_k||`` for ``iters`` steps, from a random start. The iterates
-   approach the invariant subspace of the dominant eigenvalue(s): a line for a real
-   dominant eigenvalue, a plane for a complex-conjugate pair ``rho e^{+-i theta}`` -- where
-   plain power iteration never settles and ``||J v||`` oscillates around ``rho``.
-2. Project ``J`` onto ``span{v, J v}``: with ``q1 = v``, ``J q1 = alpha q1 + beta q2``
-   (Gram-Schmidt), ``H = [[alpha, q1.Jq2], [beta, q2.Jq2]]`` (one more product, ``J q2``).
-   The eigenvalues of ``H`` (closed form for 2x2) are the Ritz values. When they are a
-   complex pair, the plane is the dominant invariant subspace and ``rho = sqrt(det H)``
-   exactly; when real, the larger modulus of the Ritz values whose residual passes the test
-   below (two real eigenvectors of nearly equal modulus, e.g. ``-rho`` and ``0.95 rho``);
-   with none passing, the Ritz value nearer ``alpha`` (the Rayleigh quotient of ``v``): the
-   other belongs to a direction that is not converged, and for a non-normal ``J`` it can
-   exceed ``rho``.
-3. Trust: a sample is ``converged`` when the Ritz residual (``||J y - lambda y||``, or how
-   far the plane is from invariant) is at most ``rtol * radius`` -- ARPACK's test.
+1. Power iteration ``v_{k+1} = J v_k / ||J v_k||``, ``iters`` steps from a random start:
+   cheap, memory-free damping of the start's components along small eigenvalues.
+2. Arnoldi, ``krylov`` steps from ``v`` (:func:`arnoldi_start`): the Ritz values of the
+   Krylov space separate eigenvalues of nearly equal modulus far faster than power
+   iteration does (the circular spectra of random DEQ cells need hundreds of power steps).
+   The dominant Ritz vector (found without an eigenvalue routine, which the Array API
+   lacks) becomes the new ``v``.
+3. Rayleigh-Ritz on the plane ``span{v, J v}`` (:func:`ritz_radius`): with ``q1 = v``,
+   ``J q1 = alpha q1 + beta q2`` (Gram-Schmidt), ``H = [[alpha, q1.Jq2], [beta, q2.Jq2]]``.
+   When its eigenvalues (closed form for 2x2) are a complex pair, the plane is the dominant
+   invariant subspace of a pair ``rho e^{+-i theta}`` -- where plain power iteration never
+   settles -- and ``rho = sqrt(det H)``; when real, the larger modulus of the Ritz values
+   whose residual passes the test below, or with none passing, the one nearer ``alpha``.
+4. Trust: a sample is ``converged`` when the Ritz residual (``||J y - lambda y||``, or how
+   far the plane is from invariant) is at most ``rtol * radius`` -- ARPACK's test. For a
+   normal ``J`` an eigenvalue then lies within the residual of the estimate.
 
-The error decays like ``(|lambda_3| / rho)^iters`` (``lambda_3`` the largest eigenvalue
-outside the dominant line/plane); no method based on products alone is exact for every
-matrix: eigenvalues of equal modulus and different argument (``+-rho``, or three on one circle)
-make the estimate a lower bound. Every sample is its own problem (the batch is block
-diagonal); a zero Jacobian gives 0.
+No method based on products alone is exact for every matrix: an eigenvalue of the largest
+modulus whose direction the Krylov space has not yet found leaves the estimate below
+``rho`` (a lower bound, often with a small residual: a converged sample is an accurate
+eigenvalue, not a proof that no larger one exists), and for a strongly non-normal ``J`` a
+small residual bounds only the backward error. Every sample is its own problem (the batch
+is block diagonal); a zero Jacobian gives 0.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 __all__ = [
-    "SpectralRadius", "power_step", "ritz_radius", "spectral_radius_from_matvec",
-    "unconverged_message",
+    "SpectralRadius", "arnoldi_start", "power_step", "ritz_radius",
+    "spectral_radius_from_matvec", "unconverged_message",
 ]
+
+#: ``loop(n, body, carry)`` runs ``carry = body(i, carry)`` for ``i < n`` (``lax.fori_loop``)
+Loop = Callable[[int, Callable[[Any, Any], Any], Any], Any]
 
 
 def _normalised(xp: Any, v: Any) -> Any:
@@ -133,7 +138,8 @@ class SpectralRadius(NamedTuple):
         converged: ``residual <= rtol * radius``. ``False`` marks an estimate not to be
             trusted: more ``iters`` are needed, or the dominant eigenvalues are too close
             in modulus for power iteration to separate them.
-        iterations: power steps made (the products of the Jacobian are ``iters + 2``).
+        iterations: power and Arnoldi steps made (the products of the Jacobian are two
+            more).
     """
 
     radius: Any
@@ -142,42 +148,119 @@ class SpectralRadius(NamedTuple):
     iterations: int
 
 
+def _python_loop(n: int, body: Callable[[int, Any], Any], carry: Any) -> Any:
+    for i in range(n):
+        carry = body(i, carry)
+    return carry
+
+
+def arnoldi_start(
+    xp: Any, matvec: Callable[[Any], Any], v: Any, m: int, loop: Loop = _python_loop
+) -> Any:
+    """A start vector for the Ritz step: the dominant Ritz vector of an ``m``-step Arnoldi.
+
+    Arnoldi (Saad 2011, section 6.2) builds an orthonormal basis ``Q`` of the Krylov space
+    ``span{v, Jv, ..., J^{m-1} v}`` and ``H = Q^T J Q`` (upper Hessenberg). Its Ritz values
+    approximate the outermost eigenvalues of ``J`` far faster than power iteration
+    separates them (for eigenvalues of nearly equal modulus, as in the circular spectra of
+    random DEQ cells). The Array API has no eigenvalue routine, so the dominant invariant
+    subspace of the small ``H`` is found by Gelfand's formula instead: repeated normalised
+    squaring ``P <- (P / max|P|)^2`` (40 times: ``H^(2^40)``) leaves only the directions of
+    the eigenvalue(s) of largest modulus, and the longest column of ``P``, mapped back by
+    ``Q``, is the Ritz vector the caller's :func:`ritz_radius` then tests with a residual.
+
+    Fixed shapes throughout (the basis is an ``(m, B, n)`` buffer, columns of ``H`` are
+    added with one-hot masks, Gram-Schmidt runs twice against every slot, unfilled ones
+    being zero), so ``loop`` may be ``lax.fori_loop``. Cost: ``m`` products and
+    ``m (B, n)`` vectors of memory. A basis vector whose new direction is roundoff (an
+    invariant subspace reached early) is left zero.
+    """
+    b, n = v.shape
+    eps = xp.finfo(v.dtype).eps
+    slots = xp.arange(m)
+    q0 = _normalised(xp, v)
+    basis = xp.where((slots == 0)[:, None, None], q0[None, ...], xp.zeros((m, b, n),
+                                                                            dtype=v.dtype))
+    hess = xp.zeros((b, m, m), dtype=v.dtype)
+
+    def step(j: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+        basis, hess = carry
+        here = slots == j
+        q = xp.sum(xp.where(here[:, None, None], basis, xp.zeros_like(basis)), axis=0)
+        w = matvec(q)
+        scale = xp.linalg.vector_norm(w, axis=-1)
+        column = xp.zeros((m, b), dtype=v.dtype)
+        for _ in range(2):  # classical Gram-Schmidt, repeated ("twice is enough")
+            c = xp.sum(basis * w[None, ...], axis=-1)  # (m, B); 0 on unfilled slots
+            w = w - xp.sum(c[:, :, None] * basis, axis=0)
+            column = column + c
+        beta = xp.linalg.vector_norm(w, axis=-1)
+        fresh = beta > 64 * eps * scale
+        nxt = xp.where(fresh[:, None], w / xp.where(fresh, beta, xp.ones_like(beta))[:, None],
+                       xp.zeros_like(w))
+        below = slots == j + 1
+        column = xp.where(below[:, None], xp.where(fresh, beta, xp.zeros_like(beta))[None, :],
+                          column)
+        basis = xp.where(below[:, None, None], nxt[None, ...], basis)
+        hess = hess + xp.where(here[None, None, :], xp.permute_dims(column, (1, 0))[:, :, None],
+                               xp.zeros_like(hess))
+        return basis, hess
+
+    basis, hess = loop(m, step, (basis, hess))
+    p = hess
+    for _ in range(40):
+        top = xp.max(xp.abs(p), axis=(1, 2), keepdims=True)
+        p = p / xp.where(top > 0, top, xp.ones_like(top))
+        p = xp.matmul(p, p)
+    lengths = xp.linalg.vector_norm(p, axis=1)  # (B, m): norm of each column
+    pick = xp.argmax(lengths, axis=-1)
+    onehot = slots[None, :] == pick[:, None]
+    y = xp.sum(xp.where(onehot[:, None, :], p, xp.zeros_like(p)), axis=-1)  # (B, m)
+    start = xp.sum(xp.permute_dims(y, (1, 0))[:, :, None] * basis, axis=0)
+    # nothing found (H = 0: J v = 0): keep v, whose Ritz step then reports radius 0
+    found = xp.linalg.vector_norm(start, axis=-1) > 0
+    return xp.where(found[:, None], start, q0)
+
+
 def spectral_radius_from_matvec(
     xp: Any,
     matvec: Callable[[Any], Any],
     v0: Any,
     *,
     iters: int,
+    krylov: int,
     rtol: float,
-    loop: Callable[[int, Callable[[Any], Any], Any], Any] | None = None,
+    loop: Loop = _python_loop,
 ) -> SpectralRadius:
     """Estimate ``rho(J_b)`` per sample from products ``v -> J v`` on ``(B, n)`` rows.
 
-    ``v0``: the ``(B, n)`` start (random, so that it has a component along the dominant
-    eigenvectors). ``loop(n, body, v)``: how to run ``n`` power steps (a Python loop by
-    default; JAX passes ``lax.fori_loop`` so the steps are not unrolled under ``jit``).
+    ``iters`` power steps from ``v0`` (random, so that it has a component along the
+    dominant eigenvectors), then, when ``krylov >= 2``, :func:`arnoldi_start` with that many
+    Arnoldi steps, then the Rayleigh-Ritz step and residual test of :func:`ritz_radius`.
+    ``loop(n, body, carry)``: how to run ``n`` steps of ``body(i, carry)`` (a Python loop by
+    default; JAX passes ``lax.fori_loop`` so nothing is unrolled under ``jit``).
     A sample is converged when its Ritz residual is at most ``rtol * radius``.
-    Cost: ``iters + 2`` calls of ``matvec``.
+    Cost: ``iters + krylov + 2`` calls of ``matvec``.
     """
-    def body(v: Any) -> Any:
+    def power(_: Any, v: Any) -> Any:
         return power_step(xp, matvec, v)
 
-    v = _normalised(xp, v0)
-    if loop is None:
-        for _ in range(iters):
-            v = body(v)
-    else:
-        v = loop(iters, body, v)
+    v = loop(iters, power, _normalised(xp, v0))
+    if krylov >= 2:
+        v = arnoldi_start(xp, matvec, v, krylov, loop)
     radius, residual = ritz_radius(xp, matvec, v, rtol)
     converged = residual <= rtol * radius
     return SpectralRadius(radius=radius, residual=residual, converged=converged,
-                          iterations=iters)
+                          iterations=iters + krylov)
 
 
-def unconverged_message(unconverged: int, total: int, iters: int, rtol: float) -> str:
+def unconverged_message(
+    unconverged: int, total: int, iters: int, krylov: int, rtol: float
+) -> str:
     """The eager warning of the adapters' ``spectral_radius`` when samples did not converge."""
     return (
-        f"spectral_radius: {unconverged} of {total} samples did not converge in {iters} power "
-        f"steps (Ritz residual > rtol * radius, rtol={rtol:g}); their radius is a rough "
-        "estimate. Raise iters, or see SpectralRadius.converged."
+        f"spectral_radius: {unconverged} of {total} samples did not converge with iters={iters}"
+        f" power steps and krylov={krylov} Arnoldi steps (Ritz residual > rtol * radius, "
+        f"rtol={rtol:g}); their radius is a rough estimate. Raise iters or krylov, or see "
+        "SpectralRadius.converged."
     )
