@@ -216,3 +216,30 @@ def test_jax_state_gradients_implicit_jit_and_phantom() -> None:
 
     np.testing.assert_allclose(np.asarray(jax.grad(phantom_loss)(W)),
                                np.asarray(jax.grad(by_hand)(W)), rtol=1e-12, atol=1e-14)
+
+
+@needs_jax
+def test_jax_states_under_vmap_and_grad() -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from eqsolve.jax import fixed_point
+
+    W = 0.5 * np.eye(3)
+
+    def f(z, x):  # type: ignore[no-untyped-def]
+        return jnp.tanh(z @ W.T + x)
+
+    xs = jnp.asarray(np.random.default_rng(0).standard_normal((5, 1, 3)))
+
+    def first_state(x):  # type: ignore[no-untyped-def]
+        return fixed_point(f, jnp.zeros((1, 3)), x, states=(1, 2)).states
+
+    s1, s2 = jax.vmap(first_state)(xs)  # the same as the unbatched calls, sample by sample
+    for i in range(5):
+        a, b = first_state(xs[i])
+        np.testing.assert_allclose(np.asarray(s1[i]), np.asarray(a), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(s2[i]), np.asarray(b), rtol=1e-12)
+    g = jax.grad(lambda x: jnp.sum(jax.vmap(first_state)(x)[1]))(xs)
+    g_one = jax.grad(lambda x: jnp.sum(first_state(x)[1]))(xs[0])
+    np.testing.assert_allclose(np.asarray(g[0]), np.asarray(g_one), rtol=1e-10)

@@ -283,3 +283,29 @@ def test_jax_tuple_state_and_bad_arguments() -> None:
         spectral_radius(lambda s: s[:, :1], jnp.ones((2, 3)))
     with pytest.raises(TypeError, match="z_star"):
         spectral_radius(lambda s: s, jnp.ones((2, 3), dtype=jnp.int32))
+
+
+@needs_torch
+def test_torch_adversarial_scales_nan_float16() -> None:
+    """NaN in one sample stays in that sample (unconverged, warned); scales of 1e-30 and
+    1e30 and a float16 state give the dense radius."""
+    import torch
+
+    import eqsolve.torch as et
+
+    z = torch.zeros(3, 4)
+    z[1, 0] = float("nan")
+    with pytest.warns(ConvergenceWarning, match="1 of 3"):
+        r = et.spectral_radius(lambda s: torch.tanh(0.5 * s), z)
+    assert r.converged.tolist() == [True, False, True]
+    np.testing.assert_allclose(r.radius[[0, 2]].numpy(), 0.5, rtol=1e-5)
+    A = torch.from_numpy(np.random.default_rng(4).standard_normal((4, 4)))
+    rho = float(torch.linalg.eigvals(A).abs().max())
+    for scale in (1e-30, 1e30):
+        r = et.spectral_radius(lambda s, c=scale: c * (s @ A.T),
+                               torch.ones(2, 4, dtype=torch.float64))
+        assert bool(r.converged.all())
+        np.testing.assert_allclose(r.radius.numpy() / scale, rho, rtol=1e-8)
+    half = et.spectral_radius(lambda s: 0.5 * s, torch.ones(2, 4, dtype=torch.float16))
+    assert half.radius.dtype == torch.float16
+    np.testing.assert_allclose(half.radius.float().numpy(), 0.5, rtol=1e-3)
