@@ -35,6 +35,21 @@ __all__ = ["REDUCTIONS", "jacobian_reg"]
 REDUCTIONS = JACOBIAN_REG_REDUCTIONS
 
 
+def cell_and_point(f: Any, z_star: Any) -> tuple[Any, list[Any], Any]:
+    """``z_star`` as constant arrays (``lax.stop_gradient``), its leaves and tree, after
+    checking that ``f`` is callable and every leaf real floating (the diagnostics at z*)."""
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    z = jax.tree_util.tree_map(lambda t: jax.lax.stop_gradient(jnp.asarray(t)), z_star)
+    leaves, tree = jax.tree_util.tree_flatten(z)
+    if not leaves:
+        raise ValueError("z_star has no arrays")
+    for t in leaves:
+        if not jnp.issubdtype(t.dtype, jnp.floating):
+            raise TypeError(f"z_star must hold real floating arrays, got dtype {t.dtype}")
+    return z, leaves, tree
+
+
 def _per_sample_sq(v: Any, batch_axis: int | None) -> Any:
     """Sum of squares over every axis but the batch axis: ``(B,)`` (0-d for None)."""
     if batch_axis is None:
@@ -111,16 +126,7 @@ def jacobian_reg(
         >>> g = jax.jit(jax.grad(loss))(W, x, jax.random.key(2))
     """
     check_jacobian_reg_arguments(n_samples, batch_axis, reduction)
-    if not callable(f):
-        raise TypeError(f"f must be callable, got {type(f).__name__}")
-
-    z = jax.tree_util.tree_map(lambda t: jax.lax.stop_gradient(jnp.asarray(t)), z_star)
-    z_leaves, z_def = jax.tree_util.tree_flatten(z)
-    if not z_leaves:
-        raise ValueError("z_star has no arrays")
-    for t in z_leaves:
-        if not jnp.issubdtype(t.dtype, jnp.floating):
-            raise TypeError(f"z_star must hold real floating arrays, got dtype {t.dtype}")
+    z, z_leaves, z_def = cell_and_point(f, z_star)
     out, vjp = jax.vjp(lambda zz: f(zz, *args), z)
     out_leaves, out_def = jax.tree_util.tree_flatten(out)
     same_structure: bool = cast(Any, out_def) == z_def

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from ..core.solution import ConvergenceWarning
 from ..core.spectral import SpectralRadius, spectral_radius_from_matvec, unconverged_message
-from ..core.validation import check_spectral_radius_arguments
+from ..core.validation import check_batch_sizes, check_spectral_radius_arguments
+from .jax_jacobian import cell_and_point
 from .reporting import warn
 
 __all__ = ["SpectralRadius", "spectral_radius"]
@@ -65,24 +66,10 @@ def spectral_radius(
         [0.5, 0.5, 0.5]
     """
     check_spectral_radius_arguments(iters, krylov, rtol, batch_axis)
-    if not callable(f):
-        raise TypeError(f"f must be callable, got {type(f).__name__}")
-    z = jax.tree_util.tree_map(lambda t: jax.lax.stop_gradient(jnp.asarray(t)), z_star)
+    z, leaves, tree = cell_and_point(f, z_star)
     args = jax.tree_util.tree_map(jax.lax.stop_gradient, args)
-    leaves, tree = jax.tree_util.tree_flatten(z)
-    if not leaves:
-        raise ValueError("z_star has no arrays")
-    for t in leaves:
-        if not jnp.issubdtype(t.dtype, jnp.floating):
-            raise TypeError(f"z_star must hold real floating arrays, got dtype {t.dtype}")
+    check_batch_sizes([t.shape for t in leaves], batch_axis, "z_star")
     axis = 0 if batch_axis is None else batch_axis
-    if batch_axis is not None:
-        sizes = {t.shape[axis] if -t.ndim <= axis < t.ndim else None for t in leaves}
-        if None in sizes or len(sizes) != 1:
-            raise ValueError(
-                f"batch_axis={batch_axis} must index the same size in every leaf of z_star, "
-                f"got shapes {[t.shape for t in leaves]}"
-            )
     out, vjp = jax.vjp(lambda zz: f(zz, *args), z)
     out_leaves, out_tree = jax.tree_util.tree_flatten(out)
     same: bool = cast(Any, out_tree) == tree

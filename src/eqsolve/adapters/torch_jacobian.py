@@ -40,6 +40,21 @@ def _leaves(tree: Any) -> list[Any]:
     return list(tree) if isinstance(tree, (tuple, list)) else [tree]
 
 
+def cell_and_point(f: Any, z_star: Any) -> list[torch.Tensor]:
+    """The leaves of ``z_star`` (a tensor or a tuple/list of them), after checking that ``f``
+    is callable and every leaf a floating tensor (the arguments of the diagnostics at z*)."""
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    leaves = _leaves(z_star)
+    if not leaves:
+        raise ValueError("z_star is an empty sequence")
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+            where = f"z_star[{i}]" if isinstance(z_star, (tuple, list)) else "z_star"
+            raise TypeError(f"{where} must be a floating-point torch.Tensor, got {leaf!r:.60}")
+    return leaves
+
+
 def _per_sample_sq(v: torch.Tensor, batch_axis: int | None) -> torch.Tensor:
     """Sum of squares over every axis but the batch axis: ``(B,)`` (0-d for None)."""
     if batch_axis is None:
@@ -119,15 +134,7 @@ def jacobian_reg(
         torch.Size([8, 8])
     """
     check_jacobian_reg_arguments(n_samples, batch_axis, reduction)
-    if not callable(f):
-        raise TypeError(f"f must be callable, got {type(f).__name__}")
-    leaves = _leaves(z_star)
-    if not leaves:
-        raise ValueError("z_star is an empty sequence")
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
-            where = f"z_star[{i}]" if isinstance(z_star, (tuple, list)) else "z_star"
-            raise TypeError(f"{where} must be a floating-point torch.Tensor, got {leaf!r:.60}")
+    leaves = cell_and_point(f, z_star)
 
     want_graph = torch.is_grad_enabled()
     with torch.enable_grad():

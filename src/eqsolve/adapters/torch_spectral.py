@@ -20,13 +20,14 @@ import torch
 from ..backends.torch import BACKEND
 from ..core.solution import ConvergenceWarning
 from ..core.spectral import SpectralRadius, spectral_radius_from_matvec, unconverged_message
-from ..core.validation import check_spectral_radius_arguments
+from ..core.validation import check_batch_sizes, check_spectral_radius_arguments
 from .reporting import warn
+from .torch_jacobian import cell_and_point
 
 __all__ = ["SpectralRadius", "spectral_radius"]
 
 
-def _leaves(tree: Any) -> list[torch.Tensor]:
+def _leaves(tree: Any) -> list[Any]:
     return list(tree) if isinstance(tree, (tuple, list)) else [tree]
 
 
@@ -90,23 +91,9 @@ def spectral_radius(
         [0.5, 0.5, 0.5]
     """
     check_spectral_radius_arguments(iters, krylov, rtol, batch_axis)
-    if not callable(f):
-        raise TypeError(f"f must be callable, got {type(f).__name__}")
-    leaves = _leaves(z_star)
-    if not leaves:
-        raise ValueError("z_star is an empty sequence")
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
-            where = f"z_star[{i}]" if isinstance(z_star, (tuple, list)) else "z_star"
-            raise TypeError(f"{where} must be a floating-point torch.Tensor, got {leaf!r:.60}")
+    leaves = cell_and_point(f, z_star)
+    check_batch_sizes([tuple(t.shape) for t in leaves], batch_axis, "z_star")
     axis = 0 if batch_axis is None else batch_axis
-    if batch_axis is not None:
-        sizes = {t.shape[axis] if -t.ndim <= axis < t.ndim else None for t in leaves}
-        if None in sizes or len(sizes) != 1:
-            raise ValueError(
-                f"batch_axis={batch_axis} must index the same size in every leaf of z_star, "
-                f"got shapes {[tuple(t.shape) for t in leaves]}"
-            )
     # per sample rows (B, n): every leaf's batch axis first, the rest flattened and joined
     moved = [t.detach().unsqueeze(0) if batch_axis is None else t.detach().movedim(axis, 0)
              for t in leaves]

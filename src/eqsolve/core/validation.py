@@ -187,3 +187,19 @@ def check_states(states: Any, max_iter: int) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"states has a repeated iteration: {states!r}")
     return out
+
+
+def check_batch_sizes(shapes: list[tuple[int, ...]], batch_axis: int | None, name: str) -> None:
+    """Every leaf of a state ``name`` has an axis ``batch_axis`` of one common size.
+
+    Raises:
+        ValueError: the axis is missing in some leaf, or its sizes differ.
+    """
+    if batch_axis is None:
+        return
+    sizes = {s[batch_axis] if -len(s) <= batch_axis < len(s) else None for s in shapes}
+    if None in sizes or len(sizes) != 1:
+        raise ValueError(
+            f"batch_axis={batch_axis} must index the same size in every leaf of {name}, "
+            f"got shapes {[tuple(s) for s in shapes]}"
+        )
