@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from ..core.solution import ConvergenceWarning
 from ..core.spectral import SpectralRadius, spectral_radius_from_matvec, unconverged_message
-from ..core.validation import check_batch_sizes, check_spectral_radius_arguments
+from ..core.structure import structure_of
+from ..core.validation import check_spectral_radius_arguments
 from .jax_jacobian import cell_and_point
 from .reporting import warn
 
@@ -68,39 +69,28 @@ def spectral_radius(
     check_spectral_radius_arguments(iters, krylov, rtol, batch_axis)
     z, leaves, tree = cell_and_point(f, z_star)
     args = jax.tree_util.tree_map(jax.lax.stop_gradient, args)
-    check_batch_sizes([t.shape for t in leaves], batch_axis, "z_star")
-    axis = 0 if batch_axis is None else batch_axis
-    out, vjp = jax.vjp(lambda zz: f(zz, *args), z)
-    out_leaves, out_tree = jax.tree_util.tree_flatten(out)
-    same: bool = cast(Any, out_tree) == tree
-    if not same or any(o.shape != t.shape for o, t in zip(out_leaves, leaves, strict=True)):
-        raise ValueError(
-            f"f(z, *args) must return the structure and shapes of z_star: got {out_tree} "
-            f"{[o.shape for o in out_leaves]} for {tree} {[t.shape for t in leaves]}"
-        )
-    moved = [t[None] if batch_axis is None else jnp.moveaxis(t, axis, 0) for t in leaves]
-    b = moved[0].shape[0]
-    widths = [t[0].size for t in moved]
-    cuts = [sum(widths[: i + 1]) for i in range(len(widths) - 1)]
-    work = jnp.promote_types(leaves[0].dtype, jnp.float32)
+    structure = structure_of(z, batch_axis, name="z_star")  # (B, n) rows per sample
 
-    def matvec(v: Any) -> Any:
-        # v^T J per sample: rows split back into the leaves' shapes, one VJP
-        parts = jnp.split(v, cuts, axis=1)
-        cot = [
-            (p.reshape(m.shape)[0] if batch_axis is None
-             else jnp.moveaxis(p.reshape(m.shape), 0, axis)).astype(m.dtype)
-            for p, m in zip(parts, moved, strict=True)
-        ]
-        (g,) = vjp(jax.tree_util.tree_unflatten(tree, cot))
-        rows = [
-            (t[None] if batch_axis is None else jnp.moveaxis(t, axis, 0)).reshape(b, -1)
-            for t in jax.tree_util.tree_leaves(g)
-        ]
-        return jnp.concatenate(rows, axis=1).astype(work)
+    def f_flat(v: Any) -> Any:
+        out = f(structure.unflatten(jnp, v), *args)
+        out_leaves, out_tree = jax.tree_util.tree_flatten(out)
+        same: bool = cast(Any, out_tree) == tree
+        if not same or any(o.shape != t.shape for o, t in zip(out_leaves, leaves, strict=True)):
+            raise ValueError(
+                f"f(z, *args) must return the structure and shapes of z_star: got {out_tree} "
+                f"{[o.shape for o in out_leaves]} for {tree} {[t.shape for t in leaves]}"
+            )
+        return structure.flatten(jnp, out)
+
+    z_flat = structure.flatten(jnp, z)
+    _, vjp = jax.vjp(f_flat, z_flat)
+    work = jnp.promote_types(z_flat.dtype, jnp.float32)
+
+    def matvec(v: Any) -> Any:  # v^T J for every sample at once: one VJP
+        return vjp(v.astype(z_flat.dtype))[0].astype(work)
 
     k = jax.random.key(0) if key is None else key
-    v0 = jax.random.normal(k, (b, sum(widths)), work)
+    v0 = jax.random.normal(k, (structure.batch, structure.n), work)
 
     def loop(n: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
         return jax.lax.fori_loop(0, n, body, carry)

@@ -20,15 +20,12 @@ import torch
 from ..backends.torch import BACKEND
 from ..core.solution import ConvergenceWarning
 from ..core.spectral import SpectralRadius, spectral_radius_from_matvec, unconverged_message
-from ..core.validation import check_batch_sizes, check_spectral_radius_arguments
+from ..core.structure import leaves_of, structure_of
+from ..core.validation import check_spectral_radius_arguments
 from .reporting import warn
 from .torch_jacobian import cell_and_point
 
 __all__ = ["SpectralRadius", "spectral_radius"]
-
-
-def _leaves(tree: Any) -> list[Any]:
-    return list(tree) if isinstance(tree, (tuple, list)) else [tree]
 
 
 def spectral_radius(
@@ -92,55 +89,40 @@ def spectral_radius(
     """
     check_spectral_radius_arguments(iters, krylov, rtol, batch_axis)
     leaves = cell_and_point(f, z_star)
-    check_batch_sizes([tuple(t.shape) for t in leaves], batch_axis, "z_star")
-    axis = 0 if batch_axis is None else batch_axis
-    # per sample rows (B, n): every leaf's batch axis first, the rest flattened and joined
-    moved = [t.detach().unsqueeze(0) if batch_axis is None else t.detach().movedim(axis, 0)
-             for t in leaves]
-    b = moved[0].shape[0]
-    widths = [t[0].numel() for t in moved]
+    xp = BACKEND.xp
+    structure = structure_of(z_star, batch_axis, name="z_star")  # (B, n) rows per sample
     work = torch.promote_types(leaves[0].dtype, torch.float32)
 
     with torch.enable_grad():
-        z = [t.clone().requires_grad_(True) for t in moved]
-
-        def back(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [t.squeeze(0) if batch_axis is None else t.movedim(0, axis) for t in ts]
-
-        z_in = back(z)
-        out = _leaves(f(type(z_star)(z_in) if isinstance(z_star, (tuple, list)) else z_in[0]))
-        if len(out) != len(z) or any(
+        z_leaf = structure.flatten(xp, z_star).detach().requires_grad_(True)
+        out = f(structure.unflatten(xp, z_leaf))
+        out_leaves = leaves_of(out)
+        if len(out_leaves) != len(leaves) or any(
             not isinstance(o, torch.Tensor) or o.shape != t.shape
-            for o, t in zip(out, leaves, strict=False)
+            for o, t in zip(out_leaves, leaves, strict=False)
         ):
             raise ValueError(
                 "f(z) must return the structure and shapes of z_star: got "
-                f"{[tuple(getattr(o, 'shape', ())) for o in out]} for "
+                f"{[tuple(getattr(o, 'shape', ())) for o in out_leaves]} for "
                 f"{[tuple(t.shape) for t in leaves]}"
             )
-        live = [i for i, o in enumerate(out) if o.requires_grad]
-        if not live:
+        out_flat = structure.flatten(xp, out)
+        if not out_flat.requires_grad:
             raise RuntimeError(
                 "f(z) has no autograd graph although z requires grad: f is not "
                 "differentiable with torch autograd (.detach(), .data, NumPy, no_grad?)"
             )
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
-            # v^T J, per sample: rows of v are split back into the leaves' shapes
-            parts = torch.split(v, widths, dim=1)
-            cot = back([p.reshape(t.shape).to(t.dtype) for p, t in zip(parts, moved, strict=True)])
-            grads = torch.autograd.grad(
-                [out[i] for i in live], z, [cot[i] for i in live],
-                retain_graph=True, allow_unused=True,
-            )
-            rows = [torch.zeros(b, w, dtype=work, device=v.device) if g is None
-                    else g.reshape(b, -1).to(work) for g, w in zip(grads, widths, strict=True)]
-            return torch.cat(rows, dim=1)
+            # v^T J for every sample at once: one VJP through the saved graph of f
+            (g,) = torch.autograd.grad(out_flat, z_leaf, v.to(out_flat.dtype),
+                                       retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if g is None else g.to(work)
 
-        v0 = torch.randn(b, sum(widths), generator=generator, dtype=work,
+        v0 = torch.randn(structure.batch, structure.n, generator=generator, dtype=work,
                          device=leaves[0].device)
         with torch.no_grad():
-            res = spectral_radius_from_matvec(BACKEND.xp, matvec, v0, iters=iters, krylov=krylov,
+            res = spectral_radius_from_matvec(xp, matvec, v0, iters=iters, krylov=krylov,
                                               rtol=rtol)
     dtype = leaves[0].dtype
     radius, residual, converged = (

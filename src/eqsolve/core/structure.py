@@ -90,15 +90,17 @@ def resolve_batch_axis(z0: Any, batch_axis: BatchAxis) -> int | None:
     return 0 if leaves and all(len(leaf.shape) >= 2 for leaf in leaves) else None
 
 
-def structure_of(z0: Any, batch_axis: BatchAxis) -> Structure:
+def structure_of(z0: Any, batch_axis: BatchAxis, name: str = "z0") -> Structure:
     """Describe ``z0`` (array or tuple/list of arrays) for :class:`Structure`.
+
+    ``name``: what the error messages call the state (the caller's argument name).
 
     Raises:
         ValueError: empty sequence, a batch axis out of range for a leaf, leaves with
             different batch sizes, or a 0-d leaf with a batch axis.
     """
     if isinstance(z0, (tuple, list)) and len(z0) == 0:
-        raise ValueError("z0 is an empty sequence; it needs at least one array")
+        raise ValueError(f"{name} is an empty sequence; it needs at least one array")
     batch_axis = resolve_batch_axis(z0, batch_axis)
     if isinstance(z0, (tuple, list)):
         container: type | None = type(z0) if type(z0) in (tuple, list) else tuple
@@ -111,33 +113,33 @@ def structure_of(z0: Any, batch_axis: BatchAxis) -> Structure:
     batch = 1
     for i, leaf in enumerate(leaves):
         shape = tuple(int(s) for s in leaf.shape)
-        name = "z0" if container is None else f"z0[{i}]"
+        where = name if container is None else f"{name}[{i}]"
         if batch_axis is None:
             axes.append(None)
             sizes.append(_prod(shape))
         else:
             if len(shape) == 0:
                 raise ValueError(
-                    f"{name} is 0-d but batch_axis={batch_axis}; "
+                    f"{where} is 0-d but batch_axis={batch_axis}; "
                     "pass batch_axis=None to solve it as one system"
                 )
             if not -len(shape) <= batch_axis < len(shape):
                 raise ValueError(
-                    f"batch_axis={batch_axis} is out of range for {name} of shape {shape}"
+                    f"batch_axis={batch_axis} is out of range for {where} of shape {shape}"
                 )
             axis = batch_axis % len(shape)
             if i == 0:
                 batch = shape[axis]
             elif shape[axis] != batch:
                 raise ValueError(
-                    f"every array of z0 must have the same batch size along batch_axis="
-                    f"{batch_axis}: z0[0] has {batch}, {name} has {shape[axis]}"
+                    f"every array of {name} must have the same batch size along batch_axis="
+                    f"{batch_axis}: {name}[0] has {batch}, {where} has {shape[axis]}"
                 )
             axes.append(axis)
             sizes.append(_prod(shape) // shape[axis] if shape[axis] else 0)
         shapes.append(shape)
     if batch == 0 or sum(sizes) == 0:
-        raise ValueError(f"z0 has no entries (shapes {shapes}); nothing to solve")
+        raise ValueError(f"{name} has no entries (shapes {shapes}); nothing to solve")
     return Structure(container, tuple(shapes), tuple(axes), batch, tuple(sizes))
 
 

@@ -129,6 +129,12 @@ def check_f_output(xp: Any, fz: Any, z: Any, structure: Structure) -> None:
 JACOBIAN_REG_REDUCTIONS: tuple[str, ...] = ("mean", "none")
 
 
+def _check_int_or_none_batch_axis(batch_axis: Any) -> None:
+    """``batch_axis`` of the diagnostics at z* (no ``"auto"``): an int or None."""
+    if batch_axis is not None and (isinstance(batch_axis, bool) or not isinstance(batch_axis, int)):
+        raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
+
+
 def check_jacobian_reg_arguments(n_samples: Any, batch_axis: Any, reduction: Any) -> None:
     """The framework-independent arguments of ``jacobian_reg`` (torch and jax).
 
@@ -138,8 +144,7 @@ def check_jacobian_reg_arguments(n_samples: Any, batch_axis: Any, reduction: Any
     """
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
-    if batch_axis is not None and (isinstance(batch_axis, bool) or not isinstance(batch_axis, int)):
-        raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
+    _check_int_or_none_batch_axis(batch_axis)
     if reduction not in JACOBIAN_REG_REDUCTIONS:
         raise ValueError(f"reduction must be one of {JACOBIAN_REG_REDUCTIONS}, got {reduction!r}")
 
@@ -158,8 +163,7 @@ def check_spectral_radius_arguments(iters: Any, krylov: Any, rtol: Any, batch_ax
         raise ValueError(f"krylov must be 0 (no Arnoldi stage) or an int >= 2, got {krylov!r}")
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol < 1:
         raise ValueError(f"rtol must be a float in (0, 1), got {rtol!r}")
-    if batch_axis is not None and (isinstance(batch_axis, bool) or not isinstance(batch_axis, int)):
-        raise TypeError(f"batch_axis must be an int or None, got {batch_axis!r}")
+    _check_int_or_none_batch_axis(batch_axis)
 
 
 def check_states(states: Any, max_iter: int) -> tuple[int, ...]:
@@ -188,18 +192,3 @@ def check_states(states: Any, max_iter: int) -> tuple[int, ...]:
         raise ValueError(f"states has a repeated iteration: {states!r}")
     return out
 
-
-def check_batch_sizes(shapes: list[tuple[int, ...]], batch_axis: int | None, name: str) -> None:
-    """Every leaf of a state ``name`` has an axis ``batch_axis`` of one common size.
-
-    Raises:
-        ValueError: the axis is missing in some leaf, or its sizes differ.
-    """
-    if batch_axis is None:
-        return
-    sizes = {s[batch_axis] if -len(s) <= batch_axis < len(s) else None for s in shapes}
-    if None in sizes or len(sizes) != 1:
-        raise ValueError(
-            f"batch_axis={batch_axis} must index the same size in every leaf of {name}, "
-            f"got shapes {[tuple(s) for s in shapes]}"
-        )
