@@ -104,6 +104,8 @@ def test_states_arguments_and_shapes() -> None:
         with pytest.raises(err, match="states"):
             eqsolve.fixed_point(f, z0, states=bad)
     assert eqsolve.fixed_point(f, z0).states is None
+    # an iterator is read once (it used to pass the checks and then give no states)
+    assert len(eqsolve.fixed_point(f, z0, states=iter((1, 2)), tol=1e-8).states) == 2
     # a tuple state gives tuple states; a float16 state gives float16 states
     sol = eqsolve.fixed_point(lambda t: (np.cos(t[0]), 0.5 * t[1]),
                               (np.zeros((3, 2)), np.ones((3, 4))), states=(1,), tol=1e-8)

@@ -179,16 +179,17 @@ def check_states(states: Any, max_iter: int) -> tuple[int, ...]:
         raise TypeError(
             f"states must be a sequence of iterations (ints), e.g. (5, 10, 15), got {states!r}"
         )
-    for k in tuple(states):
+    given = tuple(states)  # once: an iterator would be empty on a second pass
+    for k in given:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"states must hold ints, got {k!r} in {states!r}")
-    out = tuple(int(k) for k in states)
+            raise TypeError(f"states must hold ints, got {k!r} in {given!r}")
+    out = tuple(int(k) for k in given)
     for k in out:
         if not 0 <= k <= max_iter:
             raise ValueError(
-                f"states entries must lie in [0, max_iter={max_iter}], got {k} in {states!r}"
+                f"states entries must lie in [0, max_iter={max_iter}], got {k} in {given!r}"
             )
     if len(set(out)) != len(out):
-        raise ValueError(f"states has a repeated iteration: {states!r}")
+        raise ValueError(f"states has a repeated iteration: {given!r}")
     return out
 
