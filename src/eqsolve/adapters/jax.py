@@ -145,8 +145,8 @@ def fixed_point(
             Koltun & Kolter, CVPR 2022): ``Solution.states`` holds the solver's own iterate
             at each (a sample that stopped earlier gives its returned value), each
             differentiable with the chosen ``backward`` as if it were the fixed point
-            (implicit: its own adjoint solve at that point, run only when its cotangent is
-            used; phantom/JFB: unrolled steps from it).
+            (implicit: its own adjoint solve at that point -- for an unused state a zero
+            cotangent, whose adjoint is met at once; phantom/JFB: unrolled steps from it).
 
     Returns:
         A :class:`eqsolve.Solution`. ``value`` is differentiable (reverse mode). The other
@@ -221,13 +221,13 @@ def fixed_point(
     def solve_op(z_init: Any, p: Any) -> tuple[Any, ...]:
         return forward(z_init, p)
 
-    def solve_fwd(z_init: Any, p: Any) -> tuple[tuple[Any, ...], tuple[Any, Any, Any]]:
+    def solve_fwd(z_init: Any, p: Any) -> tuple[tuple[Any, ...], tuple[Any, Any]]:
         out = forward(z_init, p)
         points = (out[0], *(out[5] or ()))  # z* and the correction states
-        return out, (tuple(structure.flatten(jnp, z) for z in points), p, z_init)
+        return out, (tuple(structure.flatten(jnp, z) for z in points), p)
 
-    def solve_bwd(res: tuple[Any, Any, Any], cts: tuple[Any, ...]) -> tuple[Any, Any]:
-        points, p, z_init = res
+    def solve_bwd(res: tuple[Any, Any], cts: tuple[Any, ...]) -> tuple[Any, Any]:
+        points, p = res
         p_ct = None
         for z, ct in zip(points, (cts[0], *(cts[5] or ())), strict=True):
             # each point's gradient as if it were the fixed point (implicit: its own adjoint
@@ -235,7 +235,7 @@ def fixed_point(
             g = structure.flatten(jnp, ct)
             ct_p = _backward(spec, structure, f_params, z, p, g, forward_settings, run)
             p_ct = ct_p if p_ct is None else jax.tree_util.tree_map(_add_cotangents, p_ct, ct_p)
-        z0_ct = jax.tree_util.tree_map(jnp.zeros_like, z_init)
+        z0_ct = jax.tree_util.tree_map(jnp.zeros_like, z0)
         return z0_ct, p_ct
 
     solve_op.defvjp(solve_fwd, solve_bwd)
