@@ -34,6 +34,20 @@ ROW = re.compile(
 )
 
 
+def _run_quick(example: pathlib.Path, backend: str) -> subprocess.CompletedProcess[str]:
+    """``example --backend BACKEND --quick`` in a subprocess (one thread); it must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, str(example), "--backend", backend, "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **THREADS},
+        cwd=example.parent.parent,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 def _table(stdout: str) -> dict[str, dict[str, str]]:
     assert "final table" in stdout, stdout
     table = stdout.split("final table", 1)[1]
@@ -46,15 +60,7 @@ def test_digits_deq_quick(backend: str) -> None:
         pytest.skip(f"{backend} is not installed (or not selected by EQSOLVE_TEST_BACKENDS)")
     if importlib.util.find_spec("sklearn") is None:
         pytest.skip("scikit-learn is not installed (the example uses its bundled digits)")
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--backend", backend, "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **THREADS},
-        cwd=EXAMPLE.parent.parent,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run_quick(EXAMPLE, backend)
     rows = _table(proc.stdout)
     assert sorted(rows) == ["(a)", "(b)", "(c)", "(d)"], proc.stdout
     for label, row in rows.items():
@@ -90,12 +96,7 @@ def test_multiscale_deq_quick(backend: str) -> None:
         pytest.skip(f"{backend} is not installed (or not selected by EQSOLVE_TEST_BACKENDS)")
     if importlib.util.find_spec("sklearn") is None:
         pytest.skip("scikit-learn is not installed (the example uses its bundled digits)")
-    proc = subprocess.run(
-        [sys.executable, str(MULTISCALE), "--backend", backend, "--quick"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **THREADS},
-        cwd=MULTISCALE.parent.parent,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run_quick(MULTISCALE, backend)
     rows = {m["name"].split(" ")[0]: m.groupdict() for m in MS_ROW.finditer(proc.stdout)}
     assert sorted(rows) == ["deq", "deq+correction", "explicit", "unrolled"], proc.stdout
     assert len({r["params"] for r in rows.values()}) == 1, proc.stdout
