@@ -202,6 +202,7 @@ def _probing(f: Callable[[Any], Any]) -> tuple[Callable[[Any], Any], Callable[[]
     return f_probe, lambda: bool(seen and seen[0])
 
 
+@solve_scope()  # one solve: eqsolve.torch.VariationalDropout draws one mask in it
 def fixed_point(
     f: Callable[[Any], Any],
     z0: Any,
@@ -295,33 +296,6 @@ def fixed_point(
         >>> sol.value.sum().backward(); W.grad.shape
         torch.Size([3, 3])
     """
-    with solve_scope():  # one solve: eqsolve.torch.VariationalDropout draws one mask in it
-        return _fixed_point(
-            f, z0, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
-            batch_axis=batch_axis, backward=backward, on_failure=on_failure,
-            on_backward=on_backward, sync_stop=sync_stop, f_dtype=f_dtype, states=states,
-            **solver_options,
-        )
-
-
-def _fixed_point(
-    f: Callable[[Any], Any],
-    z0: Any,
-    *,
-    solver: str | FixedPointSolver,
-    tol: float,
-    atol: float,
-    max_iter: int,
-    batch_axis: BatchAxis,
-    backward: Backward | str | FixedPointSolver | None,
-    on_failure: str,
-    on_backward: Callable[[AdjointInfo], None] | None,
-    sync_stop: Any,
-    f_dtype: torch.dtype | None,
-    states: Sequence[int] | None,
-    **solver_options: Any,
-) -> Solution:
-    """:func:`fixed_point` inside its solve scope."""
     spec = backward_spec(backward, pop_legacy(solver_options))
     check_sync_stop(sync_stop)
     f_dtype = check_f_dtype(f_dtype)
