@@ -50,6 +50,18 @@ def cell_and_point(f: Any, z_star: Any) -> tuple[Any, list[Any], Any]:
     return z, leaves, tree
 
 
+def output_leaves(out: Any, leaves: list[Any], tree: Any) -> tuple[list[Any], Any]:
+    """The leaves and tree of ``f(z, *args)``, checked against z*'s ``leaves`` and ``tree``."""
+    got, got_tree = jax.tree_util.tree_flatten(out)
+    same: bool = cast(Any, got_tree) == tree
+    if not same or any(o.shape != t.shape for o, t in zip(got, leaves, strict=True)):
+        raise ValueError(
+            f"f(z, *args) must return the structure and shapes of z_star: got {got_tree} "
+            f"{[o.shape for o in got]} for {tree} {[t.shape for t in leaves]}"
+        )
+    return got, got_tree
+
+
 def _per_sample_sq(v: Any, batch_axis: int | None) -> Any:
     """Sum of squares over every axis but the batch axis: ``(B,)`` (0-d for None)."""
     if batch_axis is None:
@@ -128,15 +140,7 @@ def jacobian_reg(
     check_jacobian_reg_arguments(n_samples, batch_axis, reduction)
     z, z_leaves, z_def = cell_and_point(f, z_star)
     out, vjp = jax.vjp(lambda zz: f(zz, *args), z)
-    out_leaves, out_def = jax.tree_util.tree_flatten(out)
-    same_structure: bool = cast(Any, out_def) == z_def
-    if not same_structure or any(
-        o.shape != t.shape for o, t in zip(out_leaves, z_leaves, strict=True)
-    ):
-        raise ValueError(
-            f"f(z, *args) must return the structure and shapes of z_star: got {out_def} "
-            f"{[o.shape for o in out_leaves]} for {z_def} {[t.shape for t in z_leaves]}"
-        )
+    out_leaves, out_def = output_leaves(out, z_leaves, z_def)
     if batch_axis is None:
         d = sum(t.size for t in z_leaves)
     else:

@@ -10,7 +10,7 @@ on ``J^T``, Arnoldi and a Rayleigh-Ritz step with a residual test
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from ..core.solution import ConvergenceWarning
 from ..core.spectral import SpectralRadius, spectral_radius_from_matvec, unconverged_message
 from ..core.structure import structure_of
 from ..core.validation import check_spectral_radius_arguments
-from .jax_jacobian import cell_and_point
+from .jax_jacobian import cell_and_point, output_leaves
 from .reporting import warn
 
 __all__ = ["SpectralRadius", "spectral_radius"]
@@ -73,13 +73,7 @@ def spectral_radius(
 
     def f_flat(v: Any) -> Any:
         out = f(structure.unflatten(jnp, v), *args)
-        out_leaves, out_tree = jax.tree_util.tree_flatten(out)
-        same: bool = cast(Any, out_tree) == tree
-        if not same or any(o.shape != t.shape for o, t in zip(out_leaves, leaves, strict=True)):
-            raise ValueError(
-                f"f(z, *args) must return the structure and shapes of z_star: got {out_tree} "
-                f"{[o.shape for o in out_leaves]} for {tree} {[t.shape for t in leaves]}"
-            )
+        output_leaves(out, leaves, tree)
         return structure.flatten(jnp, out)
 
     z_flat = structure.flatten(jnp, z)

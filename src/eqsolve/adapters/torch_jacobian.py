@@ -55,6 +55,21 @@ def cell_and_point(f: Any, z_star: Any) -> list[torch.Tensor]:
     return leaves
 
 
+def output_leaves(out: Any, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The leaves of ``f(z)``, checked to have the structure and shapes of z*'s ``leaves``."""
+    got = _leaves(out)
+    if len(got) != len(leaves) or any(
+        not isinstance(o, torch.Tensor) or o.shape != t.shape
+        for o, t in zip(got, leaves, strict=False)
+    ):
+        raise ValueError(
+            "f(z) must return the structure and shapes of z_star: got "
+            f"{[tuple(getattr(o, 'shape', ())) for o in got]} for "
+            f"{[tuple(t.shape) for t in leaves]}"
+        )
+    return got
+
+
 def _per_sample_sq(v: torch.Tensor, batch_axis: int | None) -> torch.Tensor:
     """Sum of squares over every axis but the batch axis: ``(B,)`` (0-d for None)."""
     if batch_axis is None:
@@ -140,16 +155,7 @@ def jacobian_reg(
     with torch.enable_grad():
         z = [t.detach().requires_grad_(True) for t in leaves]
         z_in = type(z_star)(z) if isinstance(z_star, (tuple, list)) else z[0]
-        out = _leaves(f(z_in))
-        if len(out) != len(z) or any(
-            not isinstance(o, torch.Tensor) or o.shape != t.shape
-            for o, t in zip(out, z, strict=False)
-        ):
-            raise ValueError(
-                "f(z) must return the structure and shapes of z_star: got "
-                f"{[tuple(getattr(o, 'shape', ())) for o in out]} for "
-                f"{[tuple(t.shape) for t in z]}"
-            )
+        out = output_leaves(f(z_in), z)
         if not any(o.requires_grad for o in out):
             raise RuntimeError(
                 "f(z) has no autograd graph although z requires grad: f is not "

@@ -20,10 +20,10 @@ import torch
 from ..backends.torch import BACKEND
 from ..core.solution import ConvergenceWarning
 from ..core.spectral import SpectralRadius, spectral_radius_from_matvec, unconverged_message
-from ..core.structure import leaves_of, structure_of
+from ..core.structure import structure_of
 from ..core.validation import check_spectral_radius_arguments
 from .reporting import warn
-from .torch_jacobian import cell_and_point
+from .torch_jacobian import cell_and_point, output_leaves
 
 __all__ = ["SpectralRadius", "spectral_radius"]
 
@@ -96,16 +96,7 @@ def spectral_radius(
     with torch.enable_grad():
         z_leaf = structure.flatten(xp, z_star).detach().requires_grad_(True)
         out = f(structure.unflatten(xp, z_leaf))
-        out_leaves = leaves_of(out)
-        if len(out_leaves) != len(leaves) or any(
-            not isinstance(o, torch.Tensor) or o.shape != t.shape
-            for o, t in zip(out_leaves, leaves, strict=False)
-        ):
-            raise ValueError(
-                "f(z) must return the structure and shapes of z_star: got "
-                f"{[tuple(getattr(o, 'shape', ())) for o in out_leaves]} for "
-                f"{[tuple(t.shape) for t in leaves]}"
-            )
+        output_leaves(out, leaves)
         out_flat = structure.flatten(xp, out)
         if not out_flat.requires_grad:
             raise RuntimeError(
