@@ -245,3 +245,46 @@ def test_jax_states_under_vmap_and_grad() -> None:
     g = jax.grad(lambda x: jnp.sum(jax.vmap(first_state)(x)[1]))(xs)
     g_one = jax.grad(lambda x: jnp.sum(first_state(x)[1]))(xs[0])
     np.testing.assert_allclose(np.asarray(g[0]), np.asarray(g_one), rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["zero", "tiny", "huge", "coupled"])
+def test_states_leave_the_contract_alone(backend: str, case: str) -> None:
+    """Requesting states changes nothing the Solution claims: the same value, statuses,
+    residuals and f-evals as without them, and the contract checked independently in
+    float64 (tests/contract.py) on a zero fixed point, 1e-30 and 1e30 scales and samples
+    coupled through the batch mean."""
+    import array_api_compat
+
+    import eqsolve
+    from contract import check_contract
+
+    rng = np.random.default_rng(3)
+    scale = {"zero": 0.0, "tiny": 1e-30, "huge": 1e30, "coupled": 1.0}[case]
+    c = scale * rng.standard_normal((4, 5))
+    coupling = 0.2 if case == "coupled" else 0.0
+    atol = 1e-300 if case == "zero" else 0.0
+    cb = from_numpy(c, backend)
+
+    def f(z):  # type: ignore[no-untyped-def]
+        xp = array_api_compat.array_namespace(z)
+        return 0.5 * z + coupling * xp.mean(z, axis=0, keepdims=True) + cb
+
+    def f64(z: np.ndarray) -> np.ndarray:
+        return 0.5 * z + coupling * z.mean(axis=0, keepdims=True) + c
+
+    z0 = from_numpy(np.ones((4, 5)), backend)
+    kw = {"tol": 1e-10, "atol": atol, "max_iter": 200, "on_failure": "ignore"}
+    plain = eqsolve.fixed_point(f, z0, **kw)
+    with_states = eqsolve.fixed_point(f, z0, states=(1, 3, 200), **kw)
+    for field in ("value", "status", "residual", "iterations"):
+        np.testing.assert_array_equal(to_numpy(getattr(with_states, field)),
+                                      to_numpy(getattr(plain, field)))
+    assert int(with_states.nfev) == int(plain.nfev)
+    check_contract(with_states, f64, tol=1e-10, atol=atol, dtype="float64")
+    # a sample that stopped (converged) is parked at its value; an unconverged one (the zero
+    # fixed point: the relative residual stays 1 until atol=1e-300 is reached) gives its
+    # iterate at max_iter, which need not be its best (returned) point
+    done = np.atleast_1d(to_numpy(with_states.converged))
+    np.testing.assert_array_equal(to_numpy(with_states.states[2])[done],
+                                  to_numpy(with_states.value)[done])
+    assert done.all() == (case != "zero")
