@@ -170,8 +170,9 @@ def fresh_out_dir(root: Path = RESULTS_ROOT, now: datetime.datetime | None = Non
     raise FileExistsError(f"no free folder name for {stamp} under {root}")
 
 
-def _pin_threads(argv: list[str]) -> None:
-    """Re-execute with one thread per library unless the environment already says so."""
+def pin_threads(argv: list[str], module: str = "bench") -> None:
+    """Re-execute ``python -m module *argv`` with one thread per library unless the
+    environment already says so."""
     if all(os.environ.get(k) == v for k, v in THREAD_ENV.items()):
         return
     if os.environ.get("EQSOLVE_BENCH_REEXEC"):  # never loop
@@ -186,13 +187,13 @@ def _pin_threads(argv: list[str]) -> None:
     # the package's folder on the path, so that `-m bench` resolves wherever this runs from
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "bench", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    _pin_threads(argv)
+    pin_threads(argv)
     from .session import run  # after the re-execution: the run loads every backend
 
     if args.backends is None:

@@ -100,16 +100,12 @@ class ConvProblem:
     # native cells ------------------------------------------------------------------------
     def _torch_cell(self, nat: Native) -> Callable[[Any, Any], Any]:
         import torch
-        import torch.nn.functional as F
 
         P = {k: nat(v) for k, v in self.params.items()}
-        G = self.groups
+        param_cell = torch_conv_cell(self.groups)
 
         def cell(z: Any, x: Any) -> Any:
-            h = F.conv2d(z, P["K1"], P["c1"], padding=1)
-            h = torch.relu(F.group_norm(h, G, P["gamma1"], P["beta1"], _GN_EPS))
-            h = F.conv2d(h, P["K2"], P["c2"], padding=1)
-            return F.group_norm(h + x, G, P["gamma2"], P["beta2"], _GN_EPS)
+            return param_cell(z, P, x)
 
         if nat.backend == "torch-cuda" and nat.dtype == "float32":
             cudnn: Any = torch.backends.cudnn
@@ -127,36 +123,11 @@ class ConvProblem:
         return cell
 
     def _jax_cell(self, nat: Native) -> Callable[[Any, Any], Any]:
-        import jax
-        import jax.numpy as jnp
-
         P = {k: nat(v) for k, v in self.params.items()}
-        G = self.groups
-        hi = jax.lax.Precision.HIGHEST
-
-        def conv(h: Any, K: Any, c: Any) -> Any:
-            out = jax.lax.conv_general_dilated(
-                h,
-                K,
-                window_strides=(1, 1),
-                padding=((1, 1), (1, 1)),
-                dimension_numbers=("NCHW", "OIHW", "NCHW"),
-                precision=hi,
-            )
-            return out + c[None, :, None, None]
-
-        def group_norm(h: Any, gamma: Any, beta: Any) -> Any:
-            B, C, H, W = h.shape
-            hg = h.reshape(B, G, C // G, H, W)
-            mean = jnp.mean(hg, axis=(2, 3, 4), keepdims=True)
-            var = jnp.mean(jnp.square(hg - mean), axis=(2, 3, 4), keepdims=True)
-            hn = ((hg - mean) / jnp.sqrt(var + _GN_EPS)).reshape(B, C, H, W)
-            return hn * gamma[None, :, None, None] + beta[None, :, None, None]
+        param_cell = jax_conv_cell(self.groups)
 
         def cell(z: Any, x: Any) -> Any:
-            h = jax.nn.relu(group_norm(conv(z, P["K1"], P["c1"]), P["gamma1"], P["beta1"]))
-            h = conv(h, P["K2"], P["c2"])
-            return group_norm(h + x, P["gamma2"], P["beta2"])
+            return param_cell(z, P, x)
 
         return cell
 
@@ -298,3 +269,53 @@ class ConvProblem:
     def __repr__(self) -> str:
         B, C, H, W = self.shape
         return f"ConvProblem(B={B}, C={C}, H={H}, W={W}, groups={self.groups})"
+
+
+def torch_conv_cell(groups: int) -> Callable[[Any, dict[str, Any], Any], Any]:
+    """The conv cell ``cell(z, P, x)`` in torch, parameters ``P`` (keys of
+    :meth:`ConvProblem.random`) passed explicitly (differentiable when they require grad)."""
+    import torch
+    import torch.nn.functional as F
+
+    def cell(z: Any, P: dict[str, Any], x: Any) -> Any:
+        h = F.conv2d(z, P["K1"], P["c1"], padding=1)
+        h = torch.relu(F.group_norm(h, groups, P["gamma1"], P["beta1"], _GN_EPS))
+        h = F.conv2d(h, P["K2"], P["c2"], padding=1)
+        return F.group_norm(h + x, groups, P["gamma2"], P["beta2"], _GN_EPS)
+
+    return cell
+
+
+def jax_conv_cell(groups: int) -> Callable[[Any, dict[str, Any], Any], Any]:
+    """The conv cell ``cell(z, P, x)`` in JAX (HIGHEST-precision convolutions), parameters
+    ``P`` passed explicitly (a pytree JAX can differentiate)."""
+    import jax
+    import jax.numpy as jnp
+
+    hi = jax.lax.Precision.HIGHEST
+
+    def conv(h: Any, K: Any, c: Any) -> Any:
+        out = jax.lax.conv_general_dilated(
+            h,
+            K,
+            window_strides=(1, 1),
+            padding=((1, 1), (1, 1)),
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+            precision=hi,
+        )
+        return out + c[None, :, None, None]
+
+    def group_norm(h: Any, gamma: Any, beta: Any) -> Any:
+        B, C, H, W = h.shape
+        hg = h.reshape(B, groups, C // groups, H, W)
+        mean = jnp.mean(hg, axis=(2, 3, 4), keepdims=True)
+        var = jnp.mean(jnp.square(hg - mean), axis=(2, 3, 4), keepdims=True)
+        hn = ((hg - mean) / jnp.sqrt(var + _GN_EPS)).reshape(B, C, H, W)
+        return hn * gamma[None, :, None, None] + beta[None, :, None, None]
+
+    def cell(z: Any, P: dict[str, Any], x: Any) -> Any:
+        h = jax.nn.relu(group_norm(conv(z, P["K1"], P["c1"]), P["gamma1"], P["beta1"]))
+        h = conv(h, P["K2"], P["c2"])
+        return group_norm(h + x, P["gamma2"], P["beta2"])
+
+    return cell

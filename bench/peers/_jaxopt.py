@@ -81,20 +81,31 @@ def peers(case: Case, *, tol: float, max_iter: int) -> list[PeerSolver]:
     for name in ("FixedPointIteration", "AndersonAcceleration", "Broyden"):
         for variant, table in (("defaults", DEFAULTS), ("tuned", TUNED)):
             if name in table:
-                kwargs = {"tol": tol_abs, "maxiter": int(max_iter), **table[name]}
-                if isinstance(kwargs.get("history_size"), int) and name == "Broyden":
-                    kwargs["history_size"] = min(kwargs["history_size"], int(max_iter))
-                if variant == "tuned":
-                    # backward only: jaxopt's default implicit-diff solver is CG on the
-                    # normal equations at jax's default tol=1e-5 (gradient errors ~1e-5);
-                    # the tuned rows solve the adjoint system to the benchmark tolerance
-                    kwargs["implicit_diff_solve"] = "solve_gmres"
-                    kwargs["implicit_diff_tol"] = float(tol)
+                kwargs = settings(name, variant, tol=tol, tol_abs=tol_abs, max_iter=max_iter)
                 rows.append(_row(case, name, variant, kwargs))
     return rows
 
 
-def _solver(name: str, f: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+def settings(
+    name: str, variant: str, *, tol: float, tol_abs: float, max_iter: int
+) -> dict[str, Any]:
+    """The keyword arguments of a row (``variant`` "defaults" or "tuned"), JSON-serialisable;
+    :func:`make_solver` turns them into the jaxopt solver."""
+    table = DEFAULTS if variant == "defaults" else TUNED
+    kwargs = {"tol": tol_abs, "maxiter": int(max_iter), **table[name]}
+    if isinstance(kwargs.get("history_size"), int) and name == "Broyden":
+        kwargs["history_size"] = min(kwargs["history_size"], int(max_iter))
+    if variant == "tuned":
+        # backward only: jaxopt's default implicit-diff solver is CG on the normal equations
+        # at jax's default tol=1e-5 (gradient errors ~1e-5); the tuned rows solve the
+        # adjoint system to the benchmark tolerance
+        kwargs["implicit_diff_solve"] = "solve_gmres"
+        kwargs["implicit_diff_tol"] = float(tol)
+    return kwargs
+
+
+def make_solver(name: str, f: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """The jaxopt solver of :func:`settings` for the map ``f(z, *args)``."""
     import jaxopt
     from jaxopt.linear_solve import solve_gmres
 
@@ -111,7 +122,7 @@ def _row(case: Case, name: str, variant: str, kwargs: dict[str, Any]) -> PeerSol
     def make(f: Callable[[Any], Any]) -> Callable[[], Any]:
         import jax
 
-        solver = _solver(name, lambda z: f(z), kwargs)
+        solver = make_solver(name, lambda z: f(z), kwargs)
         run = jax.jit(lambda z0: solver.run(z0).params)
         z0 = case.z0
 
@@ -155,7 +166,7 @@ def _make_grad(case: Case, name: str, kwargs: dict[str, Any]) -> Callable[[Any],
         import jax.numpy as jnp
 
         if "fn" not in cache:
-            solver = _solver(name, case.f_x, kwargs)
+            solver = make_solver(name, case.f_x, kwargs)
 
             def loss(x: Any, g: Any) -> Any:
                 return jnp.sum(solver.run(case.z0, x).params * g)

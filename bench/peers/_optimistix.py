@@ -57,12 +57,7 @@ GMRES_RESTART = 20
 def peers(case: Case, *, tol: float, max_iter: int) -> list[PeerSolver]:
     scale = scale_floor(case)  # one untimed call of the raw f
     n = sample_size(case)
-    fpi = {
-        "rtol": round_sig(tol / 2),
-        "atol": round_sig(tol * scale / (2 * math.sqrt(n))),
-        "norm": "max_norm",
-        "damp": 0.0,
-    }
+    fpi = fixed_point_settings(tol, scale, n)
     newton_atol = round_sig(tol * scale / math.sqrt(n))
     newton = {
         "rtol": float(tol),
@@ -107,6 +102,29 @@ def peers(case: Case, *, tol: float, max_iter: int) -> list[PeerSolver]:
     ]
 
 
+def fixed_point_settings(tol: float, scale: float, n: int) -> dict[str, Any]:
+    """``FixedPointIteration``'s tolerances for the per-sample relative rule (module
+    docstring): ``scale = min_b ||f(z0)_b||``, ``n`` entries per sample."""
+    return {
+        "rtol": round_sig(tol / 2),
+        "atol": round_sig(tol * scale / (2 * math.sqrt(n))),
+        "norm": "max_norm",
+        "damp": 0.0,
+    }
+
+
+def implicit_adjoint(tol: float, g_rms: float) -> Any:
+    """``optimistix.ImplicitAdjoint`` with restarted ``lineax.GMRES``: ``rtol = tol`` and, as
+    lineax tests entry by entry, ``atol = tol * rms(g)`` for the cotangent ``g``."""
+    import lineax as lx
+    import optimistix as optx
+
+    atol = round_sig(tol * (g_rms if g_rms > 0 else 1.0))
+    return optx.ImplicitAdjoint(
+        linear_solver=lx.GMRES(rtol=float(tol), atol=atol, restart=GMRES_RESTART)
+    )
+
+
 def _linear_solver(settings: dict[str, Any]) -> Any:
     import lineax as lx
 
@@ -119,7 +137,8 @@ def _linear_solver(settings: dict[str, Any]) -> Any:
     return lx.AutoLinearSolver(well_posed=None)
 
 
-def _solver(name: str, settings: dict[str, Any]) -> Any:
+def make_solver(name: str, settings: dict[str, Any]) -> Any:
+    """The optimistix solver ``name`` with the row's ``settings``."""
     import optimistix as optx
 
     if name == "FixedPointIteration":
@@ -152,7 +171,7 @@ def _row(
 
         if dense:
             _check_dense(case)
-        solver = _solver(name, settings)
+        solver = make_solver(name, settings)
 
         def solve(z0: Any) -> Any:
             sol: Any = optx.fixed_point(
@@ -209,18 +228,15 @@ def _make_grad(
     def grad(g: Any) -> Any:
         import jax
         import jax.numpy as jnp
-        import lineax as lx
         import optimistix as optx
 
         g_rms = float(np.sqrt(np.mean(np.square(np.asarray(case.to_numpy(g), np.float64)))))
-        atol = round_sig(tol * (g_rms if g_rms > 0 else 1.0))
-        if atol not in cache:
+        key = round_sig(tol * (g_rms if g_rms > 0 else 1.0))
+        if key not in cache:
             if name == "Newton" and settings["linear_solver"] != "GMRES":
                 _check_dense(case)
-            solver = _solver(name, settings)
-            adjoint = optx.ImplicitAdjoint(
-                linear_solver=lx.GMRES(rtol=float(tol), atol=atol, restart=GMRES_RESTART)
-            )
+            solver = make_solver(name, settings)
+            adjoint = implicit_adjoint(tol, g_rms)
 
             def loss(x: Any, g: Any) -> Any:
                 sol: Any = optx.fixed_point(
@@ -234,8 +250,8 @@ def _make_grad(
                 )
                 return jnp.sum(sol.value * g)
 
-            cache[atol] = jax.jit(jax.grad(loss))
+            cache[key] = jax.jit(jax.grad(loss))
         with jax_precision_scope(case):
-            return cache[atol](case.x, g)
+            return cache[key](case.x, g)
 
     return grad
