@@ -479,7 +479,7 @@ def test_not_differentiable_f_is_an_error():
 def test_double_backward_is_refused():
     cell, xt, z0 = _small()
     sol = et.fixed_point(lambda z: cell(z, xt), z0, tol=1e-8)
-    with pytest.raises(RuntimeError, match="higher-order gradients"):
+    with pytest.raises(RuntimeError, match="higher-order gradients(.|\n)*positional args"):
         torch.autograd.grad(sol.value.sum(), cell.W, create_graph=True)
 
 

@@ -6,6 +6,14 @@
 
 See :mod:`eqsolve.adapters.torch` for how the backward is built (a graph-free solve, one
 differentiable call of ``f`` at ``z*``, and the implicit adjoint solve in backward).
+
+With the differentiable inputs passed explicitly, ``et.fixed_point(f, z0, *args)`` with
+``f(z, *args)`` (or ``et.DEQ(...)(cell, z0, x)`` for an ``nn.Module`` cell), every derivative
+is exact: ``create_graph=True`` (second, third order), ``gradgradcheck`` and the
+``torch.func`` transformations (``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``,
+``hessian``, ``vmap``); see :mod:`eqsolve.adapters.torch_implicit`.
+
+>>> z = et.fixed_point(lambda z, W, x: torch.tanh(z @ W.T + x), z0, W, x).value  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -22,6 +22,14 @@ How the graph is built:
    then continues through ``f``'s graph with ``u``, giving ``u^T df/dtheta`` for every
    parameter and input: the exact implicit gradient.
 
+With explicit inputs, ``fixed_point(f, z0, *args)`` with ``f(z, *args)``, the fixed point is
+instead one ``torch.autograd.Function`` of ``args`` whose backward is taken at its own saved
+output (:mod:`eqsolve.adapters.torch_implicit`, entry :mod:`eqsolve.adapters.torch_explicit`):
+second and higher derivatives (``create_graph=True``), ``torch.func`` transformations
+(``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``, ``vmap``) and
+``gradgradcheck`` are exact. The closure form below supports first order only, and raises
+(naming the fix) under ``create_graph=True`` or a ``torch.func`` transformation.
+
 Why a custom Function rather than a tensor hook: one node sees the whole flattened state, so
 a tuple of feature maps needs no per-leaf bookkeeping; it holds no reference back to its own
 output (a hook that closes over the tensor it is registered on makes a reference cycle that
@@ -91,6 +99,8 @@ from .backward import (
 )
 from .reporting import warn
 from .torch_dropout import dropout_watch, solve_scope
+from .torch_explicit import check_args, fixed_point_args
+from .torch_implicit import compile_boundary, transforms_active
 from .torch_precision import check_f_dtype, precision_f
 
 __all__ = ["ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "fixed_point"]
@@ -170,14 +180,17 @@ class _ImplicitAdjoint(torch.autograd.Function):
         return out_flat.clone()
 
     @staticmethod
+    @compile_boundary  # run by the autograd engine inside a compiled step: eagerly
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
         if torch.is_grad_enabled():  # create_graph=True: u's dependence on theta is not recorded
             raise RuntimeError(
-                "eqsolve.torch.fixed_point does not support higher-order gradients "
-                "(backward with create_graph=True through the implicit backward): the "
-                "adjoint solve is not differentiable. Where second derivatives are needed, "
-                "differentiate an unrolled loop of f (note that backward=eqsolve.Phantom(...) "
-                "gives them only for its own biased unrolled map)."
+                "higher-order gradients (create_graph=True) of eqsolve.torch.fixed_point(f, z0) "
+                "with a closure f are not supported: the tensors f captures are invisible to "
+                "the fixed point, so the dependence of z* and of the adjoint on them cannot be "
+                "differentiated. Pass them as positional args, fixed_point(f, z0, *args) with "
+                "f(z, *args) (DEQ: deq(f, z0, *args)): second and higher derivatives are then "
+                "exact. backward=eqsolve.Phantom(...) differentiates its own unrolled map and "
+                "is biased (its default settings are 20-30% off)."
             )
         return ctx.link.solve(g), None
 
@@ -202,11 +215,12 @@ def _probing(f: Callable[[Any], Any]) -> tuple[Callable[[Any], Any], Callable[[]
     return f_probe, lambda: bool(seen and seen[0])
 
 
+@compile_boundary  # under torch.compile: one graph break, the solve runs eagerly
 @solve_scope()  # one solve: eqsolve.torch.VariationalDropout draws one mask in it
 def fixed_point(
-    f: Callable[[Any], Any],
+    f: Callable[..., Any],
     z0: Any,
-    *,
+    *args: torch.Tensor,
     solver: str | FixedPointSolver = "auto",
     tol: float = 1e-6,
     atol: float = 0.0,
@@ -220,7 +234,7 @@ def fixed_point(
     states: Sequence[int] | None = None,
     **solver_options: Any,
 ) -> Solution:
-    """Differentiable fixed point ``z* = f(z*)`` of a PyTorch function.
+    """Differentiable fixed point ``z* = f(z*)`` (or ``z* = f(z*, *args)``) of a PyTorch function.
 
     The solve runs without a graph. When grad mode is on and ``f`` uses a tensor that
     requires grad, one more differentiable call ``f(z*)`` attaches the backward, so
@@ -236,6 +250,17 @@ def fixed_point(
         z0: initial guess: a tensor, or a tuple/list of tensors sharing the batch axis
             (multi-scale states). It is detached: ``z*`` does not depend on it, so it
             receives no gradient.
+        *args: tensors passed to ``f`` as ``f(z, *args)``: the explicit, differentiable
+            inputs (weights, the layer's input ``x``; for a module, its parameters through
+            ``torch.func.functional_call``). With them ``z*`` is a ``torch.autograd.Function``
+            of ``args`` whose every derivative is implicit and exact: second and third
+            order (``create_graph=True``, ``gradgradcheck``) and the ``torch.func``
+            transformations, ``vmap`` included (one solve for all vmapped samples; the
+            ``Solution``'s other fields then describe that whole solve). No extra call of
+            ``f`` is made in the forward pass (``f`` is called at ``z*`` in backward).
+            ``f`` must not also use a tensor that requires grad through a closure (it
+            would get no gradient: ``RuntimeError``). Without ``args`` (a closure ``f``),
+            first-order gradients only.
         solver, tol, atol, max_iter, batch_axis, **solver_options: the forward solve, as
             in :func:`eqsolve.solve`.
         backward: how gradients are computed (:mod:`eqsolve.adapters.backward`):
@@ -285,7 +310,9 @@ def fixed_point(
     Raises:
         TypeError / ValueError: invalid arguments (naming the argument).
         RuntimeError: ``f(z*)`` has no autograd graph although its input requires grad
-            (``f`` detaches, uses ``.data`` or leaves torch).
+            (``f`` detaches, uses ``.data`` or leaves torch); with ``args``, ``f`` uses a
+            closure tensor that requires grad; without ``args``, a ``torch.func``
+            transformation or ``create_graph=True`` (both say to pass ``args``).
 
     Example:
         >>> import torch, eqsolve.torch as et
@@ -308,6 +335,20 @@ def fixed_point(
                 f"{where} must be a torch.Tensor for eqsolve.torch.fixed_point, got "
                 f"{type(leaf).__name__} (use eqsolve.fixed_point for other array libraries)"
             )
+    if args:
+        return fixed_point_args(
+            f, z0, check_args(args), spec=spec, solver=solver, tol=tol, atol=atol,
+            max_iter=max_iter, batch_axis=batch_axis, on_failure=on_failure,
+            on_backward=on_backward, sync_stop=sync_stop, f_dtype=f_dtype, states=states,
+            solver_options=solver_options,
+        )
+    if transforms_active():
+        raise RuntimeError(
+            "eqsolve.torch.fixed_point(f, z0) with a closure f cannot run under a torch.func "
+            "transformation (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap): the tensors f "
+            "captures are invisible to it. Pass them as positional args: "
+            "fixed_point(f, z0, *args) with f(z, *args) -- every transformation is then exact."
+        )
     z0_detached = tree_map(lambda t: t.detach(), z0)
     first = leaves_of(z0)[0] if leaves_of(z0) else None
     if first is not None:
@@ -400,9 +441,12 @@ class DEQ(nn.Module):
 
         self.deq = eqsolve.torch.DEQ(tol=1e-4, max_iter=30, backward=eqsolve.Implicit())
         ...
-        z = self.deq(lambda z: self.cell(z, x), z0)
+        z = self.deq(self.cell, z0, x)              # cell(z, x): exact at every order
+        z = self.deq(lambda z: self.cell(z, x), z0)  # closure: first order only
 
-    The layer has no parameters of its own: gradients go to whatever ``f`` closes over.
+    The layer has no parameters of its own: gradients go to the ``args`` (and, for an
+    ``nn.Module`` ``f`` called with ``args``, to its parameters) or to whatever a closure
+    ``f`` captures.
     Behaviour is the same in ``train()`` and ``eval()`` mode (gradients flow in both; use
     ``torch.no_grad()`` for graph-free inference, which also skips the extra call of ``f``).
 
@@ -459,13 +503,14 @@ class DEQ(nn.Module):
     def _record_adjoint(self, info: AdjointInfo) -> None:
         self.last_adjoint_info = info
 
-    def forward(self, f: Callable[[Any], Any], z0: Any) -> Any:
-        """Solve ``z = f(z)`` from ``z0``; the differentiable value (see :func:`fixed_point`).
+    def forward(self, f: Callable[..., Any], z0: Any, *args: torch.Tensor) -> Any:
+        """Solve ``z = f(z, *args)`` from ``z0``; the differentiable value (see
+        :func:`fixed_point`: with ``args``, derivatives of every order and torch.func).
 
         With ``states=`` set: the pair ``(value, states)``, ``states`` the tuple of
         differentiable intermediate iterates of :func:`fixed_point`.
         """
-        sol = fixed_point(f, z0, on_backward=self._record_adjoint, **self.options)
+        sol = fixed_point(f, z0, *args, on_backward=self._record_adjoint, **self.options)
 
         def detached(tree: Any) -> Any:
             return tree_map(lambda t: t.detach(), tree)
