@@ -225,3 +225,37 @@ def test_jax_variational_dropout_arguments() -> None:
         variational_dropout(key, y, -0.1)
     with pytest.raises(ValueError, match="shared_axes entry 7"):
         variational_dropout(key, y, 0.1, shared_axes=(7,))
+
+
+@needs_torch
+def test_backward_after_another_solve_uses_that_solves_mask():
+    """A shared VariationalDropout redrawn by a second solve before the first solve's
+    backward: the first backward still differentiates the map it solved (its own mask), on
+    the explicit-args path (f is called again in backward) and on the closure path."""
+    import torch
+
+    import eqsolve.torch as et
+
+    torch.manual_seed(3)
+    drop = et.VariationalDropout(0.5)
+    W = (0.4 * torch.randn(6, 6, dtype=torch.float64)).requires_grad_(True)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    z0 = torch.zeros(3, 6, dtype=torch.float64)
+
+    def f(z, W, x):
+        return torch.tanh(drop(z @ W.T) + x)
+
+    for explicit in (True, False):
+        first = (et.fixed_point(f, z0, W, x, tol=1e-12) if explicit
+                 else et.fixed_point(lambda z: f(z, W, x), z0, tol=1e-12))
+        mask = drop._mask.clone()
+        et.fixed_point(f, z0, W.detach(), x, tol=1e-12)  # draws a new mask
+        assert not torch.equal(mask, drop._mask)
+        (g,) = torch.autograd.grad(first.value.sum(), W)
+
+        def frozen(z, W, x, mask=mask):
+            return torch.tanh((z @ W.T).masked_fill(~mask, 0) / 0.5 + x)
+
+        (g_ref,) = torch.autograd.grad(
+            et.fixed_point(frozen, z0, W, x, tol=1e-12).value.sum(), W)
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)

@@ -10,9 +10,11 @@ Equilibrium Models", NeurIPS 2019) draws the mask once and reuses it for every c
 
 How a solve is told apart: :func:`eqsolve.torch.fixed_point` (and so ``DEQ``) runs inside
 :func:`solve_scope`, which sets a fresh token in a ``contextvars.ContextVar``. A
-:class:`VariationalDropout` redraws its mask when it sees a token other than the one its
-mask was drawn under, and otherwise reuses it -- also for the extra differentiable call
-``f(z*)`` and the phantom steps, which run in the same scope. A solve nested in another's
+:class:`VariationalDropout` draws its mask at its first call under a token and keeps it *in
+that token*, reusing it for every later call under it -- also for the extra differentiable call
+``f(z*)``, the phantom steps, and a backward pass that calls ``f`` again after the solve
+(explicit ``args``: it re-enters the solve's scope, :func:`same_scope`, and finds that solve's
+mask even if a later solve has drawn another). A solve nested in another's
 ``f`` (a DEQ inside a DEQ's cell) keeps the outer token: were its masks redrawn per inner
 solve, the outer ``f`` would change at every outer iteration and have no fixed point.
 Outside any solve (``f`` called by hand, ``jacobian_reg(f, z*)`` after the solve) the latest
@@ -38,10 +40,21 @@ from torch import nn
 
 from .reporting import warn
 
-__all__ = ["VariationalDropout", "dropout_watch", "solve_scope"]
+__all__ = ["VariationalDropout", "dropout_watch", "same_scope", "solve_scope"]
+
+class _Solve:
+    """One solve's token. It holds the masks drawn in that solve (by module), so a backward
+    that re-enters the scope later (:func:`same_scope`) finds that solve's masks even after
+    another solve has drawn new ones; they are freed with the token (with the graph)."""
+
+    __slots__ = ("masks",)
+
+    def __init__(self) -> None:
+        self.masks: dict[nn.Module, torch.Tensor] = {}
+
 
 #: the current solve's token (``None`` outside every solve)
-_SOLVE: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+_SOLVE: contextvars.ContextVar[_Solve | None] = contextvars.ContextVar(
     "eqsolve_torch_solve", default=None
 )
 
@@ -58,11 +71,27 @@ def solve_scope() -> Iterator[None]:
 
     Only the outermost scope sets a token (see the module doc on nested solves).
     """
-    token = _SOLVE.set(_SOLVE.get() or object())
+    token = _SOLVE.set(_SOLVE.get() or _Solve())
     try:
         yield
     finally:
         _SOLVE.reset(token)
+
+
+def same_scope() -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """A context-manager factory that re-enters the current solve's scope later (a backward
+    pass that calls ``f`` again after the solve returned uses the masks of that solve)."""
+    token = _SOLVE.get()
+
+    @contextlib.contextmanager
+    def scope() -> Iterator[None]:
+        reset = _SOLVE.set(token)
+        try:
+            yield
+        finally:
+            _SOLVE.reset(reset)
+
+    return scope
 
 
 def dropout_watch(f: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -131,13 +160,11 @@ class VariationalDropout(nn.Module):
             raise TypeError(f"shared_dims must be a sequence of ints, got {shared_dims!r}")
         self.p = float(p)
         self.shared_dims = dims
-        self._mask: torch.Tensor | None = None
-        self._scope: object | None = None
+        self._mask: torch.Tensor | None = None  # the latest mask (used outside a solve)
 
     def reset(self) -> None:
         """Forget the mask: the next call in training mode draws a new one."""
         self._mask = None
-        self._scope = None
 
     def _mask_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         shape = list(x.shape)
@@ -155,16 +182,15 @@ class VariationalDropout(nn.Module):
             return x
         scope = _SOLVE.get()
         shape = self._mask_shape(x)
-        mask = self._mask
-        if (
-            mask is None
-            or tuple(mask.shape) != shape
-            or mask.device != x.device
-            or (scope is not None and scope is not self._scope)
-        ):
+        # in a solve: the mask drawn in that solve (also when a backward re-enters it after
+        # later solves drew others); outside every solve: the latest one
+        mask = self._mask if scope is None else scope.masks.get(self)
+        if mask is None or tuple(mask.shape) != shape or mask.device != x.device:
             # a boolean mask: the same entries whatever dtype f runs in (autocast)
             mask = torch.empty(shape, device=x.device).bernoulli_(1.0 - self.p).bool()
-            self._mask, self._scope = mask, scope
+            if scope is not None:
+                scope.masks[self] = mask
+        self._mask = mask
         return x.masked_fill(~mask, 0) / (1.0 - self.p)
 
     def extra_repr(self) -> str:
