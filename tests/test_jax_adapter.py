@@ -409,12 +409,22 @@ def test_non_convergence_warns_eagerly_and_not_under_jit():
                     solver="picard", on_failure="raise")
 
 
-def test_forward_mode_is_not_supported():
+def test_forward_mode_matches_dense_reference():
+    """jax.jvp (custom_jvp: the tangent system (I - J_f) dz = J_theta dtheta) against the
+    dense float64 IFT: dz_b = (I - J_b)^{-1} (df/dtheta)_b dtheta, per sample."""
     params_np, x_np, c_np = make("P1")
     params, x = to_jax(params_np), jnp.asarray(x_np)
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(lambda p: fixed_point(cell, jnp.zeros((4, 10)), p, x, **FAST).value,
-                (params,), (params,))
+    rng = np.random.default_rng(7)
+    dparams = {k: rng.standard_normal(np.shape(v)) for k, v in params_np.items()}
+    z, dz = jax.jit(lambda p, t: jax.jvp(
+        lambda q: fixed_point(cell, jnp.zeros((4, 10)), q, x, tol=1e-12, **FAST).value,
+        (p,), (t,)))(params, to_jax(dparams))
+    zs, _ = reference(params_np, x_np, c_np, np.asarray(z))
+    s = 1.0 - zs**2  # df = s * (dW z + dU x + db)
+    rhs = s * (zs @ dparams["W"].T + x_np @ dparams["U"].T + dparams["b"])
+    J = s[:, :, None] * params_np["W"][None]
+    ref = np.linalg.solve(np.eye(10)[None] - J, rhs[..., None])[..., 0]
+    np.testing.assert_allclose(np.asarray(dz), ref, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize(

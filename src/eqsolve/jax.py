@@ -1,13 +1,17 @@
-"""``eqsolve.jax``: differentiable fixed points for JAX (``jit``, ``vmap``, ``grad``).
+"""``eqsolve.jax``: differentiable fixed points for JAX (``jit``, ``vmap``, any derivative).
 
 >>> from eqsolve.jax import fixed_point          # doctest: +SKIP
->>> sol = fixed_point(f, z0, params, x)           # f(z, params, x); sol.value is z*
+>>> sol = fixed_point(f, z0, params, x)  # f(z, params, x); sol.value is z*  # doctest: +SKIP
 
-Reverse-mode gradients come from the implicit function theorem (``jax.custom_vjp``): an
-adjoint fixed point ``u = g + J_f(z*)^T u`` solved with "anderson" (default), "neumann",
-"broyden" or "gmres" (``eqsolve.Implicit``); the biased ``eqsolve.Phantom`` and
-``eqsolve.JFB`` are available for training. See
-:func:`eqsolve.adapters.jax.fixed_point`. Importing this module imports JAX.
+Derivatives come from the implicit function theorem in forward mode (``jax.custom_jvp``):
+the tangent system ``(I - J_f) dz* = J_theta dtheta`` is solved inside
+``jax.lax.custom_linear_solve`` with "anderson" (default), "neumann", "broyden" or "gmres"
+(``eqsolve.Implicit``), and every transformation follows -- ``jvp``, ``jacfwd``, ``grad``
+(its transpose: the adjoint fixed point ``u = g + J_f(z*)^T u``), ``jacrev``, ``hessian``,
+grad of grad, ``vmap`` of them, under ``jit`` or eagerly. ``on_backward`` receives each
+linear solve's :class:`AdjointInfo`. The biased ``eqsolve.Phantom`` and ``eqsolve.JFB`` are
+available for training. See :func:`eqsolve.adapters.jax.fixed_point`. Importing this module
+imports JAX.
 """
 
 from __future__ import annotations

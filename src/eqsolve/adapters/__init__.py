@@ -1,4 +1,4 @@
 """Framework-native entry points built on the core (torch autograd operation, JAX
-``custom_vjp``, fused CuPy routines). Each adapter imports its framework; this package
+``custom_jvp``, fused CuPy routines). Each adapter imports its framework; this package
 imports none of them.
 """

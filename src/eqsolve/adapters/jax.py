@@ -1,33 +1,56 @@
-"""JAX adapter: a differentiable fixed-point solve built on ``jax.custom_vjp``.
+"""JAX adapter: a fixed-point solve differentiable in every mode, built on ``jax.custom_jvp``.
 
 Forward: the core solvers run under ``lax.while_loop`` (``eqsolve.backends.jax``), so the
-solve works inside ``jax.jit`` and ``jax.vmap``. Backward: the implicit function theorem,
-never backprop through the loop (reverse mode through ``lax.while_loop`` is undefined, and
+solve works inside ``jax.jit`` and ``jax.vmap``. Derivatives: the implicit function theorem,
+never autodiff through the loop (reverse mode through ``lax.while_loop`` is undefined, and
 unrolling would cost memory linear in the number of iterations).
 
-Math. For ``z* = f(z*, theta)`` (``theta`` = every differentiable input of ``f``: the explicit
-``args`` *and* the arrays ``f`` closes over) and a cotangent ``g = dL/dz*``,
+Math: implicit differentiation in forward mode. For ``z* = f(z*, theta)`` (``theta`` = every
+differentiable input of ``f``: the explicit ``args`` *and* the arrays ``f`` closes over),
+differentiating both sides gives the tangent of ``z*`` for a tangent ``dtheta`` -- the
+implicit function theorem as a Jacobian-vector product:
 
-    dL/dtheta = u^T  df/dtheta (z*, theta),     where   u = g + J_f(z*)^T u,
+    (I - J_f) dz* = J_theta dtheta,       J_f = df/dz (z*, theta),  J_theta = df/dtheta,
 
-with ``J_f = df/dz``. The adjoint fixed point ``u`` is solved per sample with
-:func:`eqsolve.core.adjoint.adjoint_solve` ("neumann", "anderson", "broyden", "gmres"), using
-only vector-Jacobian products ``v -> J_f(z*)^T v`` from ``jax.vjp``; then one more VJP of ``f``
-with respect to ``theta`` gives the gradient. ``z0`` gets a zero cotangent (``z*`` does not
-depend on the initial guess).
+a linear system solved matrix-free (products ``J_f v`` by linearizing ``f`` in ``z``) per
+sample with the user's adjoint method ("anderson", "neumann", "broyden", "gmres"), inside
+``jax.lax.custom_linear_solve`` (:mod:`eqsolve.adapters.jax_tangent`). That one rule is the
+whole derivative; JAX derives the rest:
+
+* Reverse mode (``grad``, ``vjp``, ``jacrev``) is its transpose. For a cotangent
+  ``g = dL/dz*`` the transposed linear solve is the adjoint fixed point
+  ``u = g + J_f(z*)^T u`` (``transpose_solve``, the same method and tolerance), and the
+  transpose of ``J_theta dtheta`` is ``dL/dtheta = u^T df/dtheta`` -- the classical implicit
+  backward of deep equilibrium models, with the same cost as a hand-written ``custom_vjp``.
+* Higher orders (``hessian``, grad of grad as in force matching, any order) and ``vmap`` of
+  any of them: JAX differentiates the rule again; the linear solve differentiates itself by
+  solving again, and ``z*`` inside ``J_f`` is differentiated by this same rule, so the loop is
+  never differentiated and the user's tolerance sets the error at every order.
+
+``z0`` gets a zero tangent/cotangent (``z*`` does not depend on the initial guess). Each
+implicit linear solve (reverse mode: the adjoint solve; forward mode: the tangent solve)
+reports through ``jax.debug.callback`` (so under ``jit`` too): failures as ``on_failure``
+says, and ``on_backward(AdjointInfo)`` when given.
 
 Inexact ("biased") backward modes, for training where an exact adjoint is not needed:
 
 * ``"phantom"`` -- phantom gradient (Geng et al., 2021, "On training implicit models",
   NeurIPS): from ``z*`` (held constant), unroll ``k`` damped steps
   ``z_{i+1} = (1 - lam) z_i + lam f(z_i, theta)`` and differentiate *that* map with respect to
-  ``theta`` by autodiff. The gradient is biased; it approaches the implicit one as ``k``
-  grows only when the damped iteration converges fast.
+  ``theta`` by autodiff (the tangent is its ``jax.jvp``, the gradient its transpose, i.e. its
+  ``jax.vjp``). The gradient is biased; it approaches the implicit one as ``k`` grows only
+  when the damped iteration converges fast.
 * ``"jfb"`` -- Jacobian-free backpropagation (Fung et al., 2022, "JFB: Jacobian-free
   backpropagation for implicit networks", AAAI): one undamped step, i.e. ``u = g`` (the
   Neumann series truncated after its first term), ``dL/dtheta = g^T df/dtheta(z*)``.
 
-In every mode the returned value is ``z*`` itself; only the backward rule differs.
+In every mode the returned value is ``z*`` itself; only the derivative rule differs.
+
+References: Bai, Kolter & Koltun (2019), "Deep equilibrium models" (NeurIPS; the implicit
+backward); Blondel, Berthet, Cuturi, Frostig, Hoyer, Llinares-Lopez, Pedregosa & Vert (2022),
+"Efficient and modular implicit differentiation" (NeurIPS; implicit differentiation as a
+JVP whose transpose is the VJP); optimistix's ``ImplicitAdjoint`` (a recursive ``custom_jvp``
+over a linear-solve primitive), whose construction this follows.
 
 Sharding (``sync_stop``). Under ``jit`` with a batch sharded over devices the solve is one
 SPMD loop: its continuation test reduces over the whole batch, so all devices stop together
@@ -35,7 +58,7 @@ and each sample is frozen when it converges. Under ``jax.shard_map`` (or ``pmap`
 device runs its own loop on its own block of samples and stops when those have converged
 (per-device stopping, the default); ``sync_stop="batch"`` (the mapped axis name) reduces the
 "some sample is active" flag over that axis with ``lax.psum`` in the ``while_loop``
-condition, forward and in the adjoint solve, so all devices make the same number of
+condition, forward and in every tangent/adjoint solve, so all devices make the same number of
 iterations -- needed when ``f`` itself contains a collective over the axis. Gradients with
 respect to replicated parameters are summed over devices by ``shard_map``'s transpose, as for
 any other function.
@@ -60,25 +83,16 @@ from ..backends.jax import BACKEND, sync_axes
 from ..core.adjoint import AdjointInfo
 from ..core.solution import Solution, Status
 from ..core.solver_base import FixedPointSolver
-from ..core.structure import BatchAxis, Structure, structure_of
+from ..core.structure import BatchAxis, structure_of
 from ..core.validation import check_arguments, check_state_arrays, check_states
 from .array import check_keywords, solve
-from .backward import (
-    ADJOINT_METHODS,
-    JFB,
-    Backward,
-    Implicit,
-    Phantom,
-    backward_spec,
-    pop_legacy,
-    solve_implicit,
-)
-from .reporting import report_adjoint
+from .backward import ADJOINT_METHODS, Backward, backward_spec, pop_legacy
+from .jax_tangent import check_on_backward, point_tangent
 
 #: every accepted ``backward=`` shorthand
 BACKWARD_METHODS: tuple[str, ...] = (*ADJOINT_METHODS, "phantom", "jfb")
 #: keywords of :func:`fixed_point` beyond those of :func:`eqsolve.solve`
-_JAX_KEYWORDS = ("backward", "f_dtype")
+_JAX_KEYWORDS = ("backward", "f_dtype", "on_backward")
 
 
 def fixed_point(
@@ -92,21 +106,26 @@ def fixed_point(
     batch_axis: BatchAxis = "auto",
     on_failure: str = "warn",
     backward: Backward | str | FixedPointSolver | None = "anderson",
+    on_backward: Callable[[AdjointInfo], None] | None = None,
     sync_stop: str | tuple[str, ...] | None = None,
     f_dtype: Any = None,
     states: Sequence[int] | None = None,
     **solver_options: Any,
 ) -> Solution:
-    """Differentiable fixed point ``z* = f(z*, *args)`` for JAX (``jit``/``vmap``/``grad``).
+    """Fixed point ``z* = f(z*, *args)`` for JAX, differentiable by every transformation.
 
-    The forward solve is :func:`eqsolve.fixed_point` on JAX arrays (a ``lax.while_loop``);
-    the reverse-mode derivative is defined with ``jax.custom_vjp`` by the implicit function
-    theorem: for a cotangent ``g`` on ``z*`` it solves the adjoint fixed point
-    ``u = g + J_f(z*)^T u`` (``J_f = df/dz``) per sample and returns
-    ``dL/dtheta = u^T df/dtheta`` for every differentiable input ``theta`` of ``f``: the
-    pytrees in ``args`` and, through closure conversion (``jax.closure_convert``), arrays that
-    ``f`` closes over (e.g. weights captured by a ``lambda`` built inside the function being
-    differentiated). Memory does not grow with the number of solver iterations.
+    The forward solve is :func:`eqsolve.fixed_point` on JAX arrays (a ``lax.while_loop``).
+    Its derivative is defined with ``jax.custom_jvp`` by the implicit function theorem in
+    forward mode: for a tangent ``dtheta`` it solves ``(I - J_f) dz* = J_theta dtheta``
+    (``J_f = df/dz``) per sample inside ``jax.lax.custom_linear_solve``, with the adjoint
+    method and tolerance of ``backward``. ``jax.jvp``, ``jacfwd``, ``jacrev``, ``grad``,
+    ``hessian``, grad of grad (force matching), any order, ``vmap`` of any of them, eagerly
+    or under ``jit``, follow; reverse mode solves the adjoint fixed point
+    ``u = g + J_f(z*)^T u`` and returns ``dL/dtheta = u^T df/dtheta`` (see the module
+    docstring). ``theta`` is every differentiable input of ``f``: the pytrees in ``args``
+    and, through closure conversion (``jax.closure_convert``), arrays that ``f`` closes over
+    (e.g. weights captured by a ``lambda`` built inside the function being differentiated).
+    Memory does not grow with the number of solver iterations.
 
     Args:
         f: ``f(z, *args) -> z``-like (same structure, shapes and dtype as ``z0``). Must be a
@@ -120,21 +139,30 @@ def fixed_point(
         on_failure: forward and (unless ``Implicit(on_failure=...)`` says otherwise) adjoint
             failures: ``"warn"``, ``"raise"`` or ``"ignore"``. The forward's are reported
             only when the call is not under a JAX transformation (read ``Solution.status``
-            there); the adjoint's are warned from the running computation through
+            there); those of the implicit linear solves (adjoint in reverse mode, tangent in
+            forward mode) are warned from the running computation through
             ``jax.debug.callback`` (so under ``jit`` too), and ``"raise"`` -- which cannot
-            raise inside a transformation -- makes those samples' gradient NaN and warns.
+            raise inside a transformation -- makes those samples' derivative NaN and warns.
         backward: how the gradient is defined (:mod:`eqsolve.adapters.backward`):
             ``eqsolve.Implicit(method, tol, max_iter, options, on_failure)`` (default
             ``"anderson"``; also ``"neumann"``, ``"broyden"``, ``"gmres"`` or a solver
             object), the biased ``eqsolve.Phantom(steps, damping)`` / ``eqsolve.JFB()``
             (``"phantom"``, ``"jfb"``; see the module docstring), or ``None`` (no
             gradient: the solve's inputs are wrapped in ``lax.stop_gradient``).
+        on_backward: ``None`` or a callable, called with the
+            :class:`~eqsolve.core.adjoint.AdjointInfo` (per-sample ``iterations``,
+            ``residual``, ``converged``, ``status``, as NumPy arrays) of each implicit linear
+            solve: the adjoint solve of a reverse pass, the tangent solve of a forward one
+            (a Hessian runs several). It runs through ``jax.debug.callback``, so under
+            ``jit`` too (once per call of the compiled program; under ``vmap``, once per
+            mapped element), e.g. to log the adjoint's iterations. Not called for
+            ``Phantom``/``JFB`` (no linear solve).
         sync_stop: ``None`` (default): under ``jax.shard_map``/``pmap`` each device stops
             when its own samples have converged. An axis name (or tuple of names) of the
             enclosing ``shard_map`` mesh / ``pmap`` / ``vmap``: the ``while_loop`` condition
             is ``lax.psum``-reduced over it, so every device makes the same number of
-            forward and adjoint iterations (needed when ``f`` contains a collective over
-            that axis). Under plain ``jit`` with a sharded batch the stop is global already.
+            forward and adjoint/tangent iterations (needed when ``f`` contains a collective
+            over that axis). Under plain ``jit`` with a sharded batch the stop is global already.
         f_dtype: a lower-precision floating dtype (e.g. ``jnp.bfloat16``) to evaluate ``f``
             in: ``z`` and the floating leaves of ``args`` are cast to it, the output back to
             ``z0``'s dtype. Arrays that ``f`` closes over are not cast (pass them in
@@ -145,22 +173,23 @@ def fixed_point(
             Koltun & Kolter, CVPR 2022): ``Solution.states`` holds the solver's own iterate
             at each (a sample that stopped earlier gives its returned value), each
             differentiable with the chosen ``backward`` as if it were the fixed point
-            (implicit: its own adjoint solve at that point -- for an unused state a zero
-            cotangent, whose adjoint is met at once; phantom/JFB: unrolled steps from it).
+            (implicit: its own tangent/adjoint linear solve at that point -- for an unused
+            state a zero right-hand side, met at once; phantom/JFB: unrolled steps from it).
 
     Returns:
-        A :class:`eqsolve.Solution`. ``value`` is differentiable (reverse mode). The other
-        fields are diagnostics with no derivative (``residual`` is wrapped in
-        ``lax.stop_gradient``; integer/bool fields get ``float0`` cotangents).
+        A :class:`eqsolve.Solution`. ``value`` (and ``states``) are differentiable in every
+        mode. The other fields are diagnostics with no derivative (``residual`` gets a zero
+        tangent and is wrapped in ``lax.stop_gradient``; integer/bool fields get ``float0``
+        tangents/cotangents).
 
     Raises:
         TypeError / ValueError: invalid arguments (the message names the argument).
 
-    Not supported: forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``hessian``)
-    of the solve -- ``custom_vjp`` defines reverse mode only.
-
     References:
         Bai, Kolter, Koltun (2019), "Deep equilibrium models" (implicit backward).
+        Blondel et al. (2022), "Efficient and modular implicit differentiation" (implicit
+        differentiation as a JVP; reverse mode by transposition), as in optimistix's
+        ``ImplicitAdjoint``.
         Geng, Zhang, Bai, Wang, Lin (2021), "On training implicit models" (phantom).
         Fung, Heaton, Li, McKenzie, Osher, Yin (2022), "JFB: Jacobian-free backpropagation
         for implicit networks" (jfb).
@@ -172,11 +201,13 @@ def fixed_point(
         ...     return fixed_point(lambda z, w: jnp.tanh(w * z + 1.0), jnp.zeros((1, 1)), w,
         ...                        tol=1e-10).value.sum()
         >>> g = jax.jit(jax.grad(loss))(0.5)
+        >>> h = jax.jit(jax.hessian(loss))(0.5)  # second order: the same rule, again
     """
     spec = backward_spec(backward, pop_legacy(solver_options))
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
     check_keywords(solver, solver_options, "fixed_point", _JAX_KEYWORDS)
     record_at = check_states(states, max_iter)
+    on_backward = check_on_backward(on_backward)
     sync_axes(sync_stop)  # validates; the reduction is traced inside the loop
     run = functools.partial(BACKEND.run, sync_stop=sync_stop)
     forward_settings = {"tol": float(tol), "max_iter": int(max_iter), "on_failure": on_failure}
@@ -217,34 +248,40 @@ def fixed_point(
         out = forward(jax.lax.stop_gradient(z0), jax.lax.stop_gradient(params))
         return _solution(out)
 
-    @jax.custom_vjp
+    @jax.custom_jvp
     def solve_op(z_init: Any, p: Any) -> tuple[Any, ...]:
         return forward(z_init, p)
 
-    def solve_fwd(z_init: Any, p: Any) -> tuple[tuple[Any, ...], tuple[Any, Any]]:
-        out = forward(z_init, p)
-        points = (out[0], *(out[5] or ()))  # z* and the correction states
-        return out, (tuple(structure.flatten(jnp, z) for z in points), p)
+    @solve_op.defjvp
+    def solve_jvp(primals: tuple[Any, Any], tangents: tuple[Any, Any]) -> tuple[Any, Any]:
+        z_init, p = primals
+        d_p = tangents[1]  # z0's tangent is dropped: z* does not depend on the start
+        # the custom_jvp function itself, not the raw loop: differentiating this rule again
+        # (Hessians, grad of grad) differentiates z* by this rule again
+        out = solve_op(z_init, p)
+        # each point's tangent as if it were the fixed point (implicit: its own linear
+        # solve at that point; phantom/JFB: unrolled steps from it)
+        d_points = [
+            point_tangent(spec, structure, f_params, z, p, d_p, forward_settings, run,
+                          on_backward)
+            for z in (out[0], *(out[5] or ()))
+        ]
+        d_out = (
+            d_points[0],
+            # the residual is a diagnostic; status, iterations, nfev are integers (float0)
+            *(_no_tangent(x) for x in out[1:5]),
+            None if out[5] is None else type(out[5])(d_points[1:]),
+        )
+        return out, d_out
 
-    def solve_bwd(res: tuple[Any, Any], cts: tuple[Any, ...]) -> tuple[Any, Any]:
-        points, p = res
-        p_ct = None
-        for z, ct in zip(points, (cts[0], *(cts[5] or ())), strict=True):
-            # each point's gradient as if it were the fixed point (implicit: its own adjoint
-            # solve; an unused state's zero cotangent is a zero fixed point, met at once)
-            g = structure.flatten(jnp, ct)
-            ct_p = _backward(spec, structure, f_params, z, p, g, forward_settings, run)
-            p_ct = ct_p if p_ct is None else jax.tree_util.tree_map(_add_cotangents, p_ct, ct_p)
-        z0_ct = jax.tree_util.tree_map(jnp.zeros_like, z0)
-        return z0_ct, p_ct
-
-    solve_op.defvjp(solve_fwd, solve_bwd)
     return _solution(solve_op(z0, params))
 
 
-def _add_cotangents(a: Any, b: Any) -> Any:
-    """Sum of two cotangents of one input (``float0`` ones, of integer/key inputs, stay)."""
-    return a if a.dtype == jax.dtypes.float0 else a + b
+def _no_tangent(x: Any) -> Any:
+    """A zero tangent for ``x`` (``float0`` for integers; keeps shard_map's typing)."""
+    return jax.custom_derivatives.zero_from_primal(  # type: ignore[no-untyped-call]
+        x, symbolic_zeros=False
+    )
 
 
 def _solution(out: tuple[Any, ...]) -> Solution:
@@ -258,68 +295,6 @@ def _solution(out: tuple[Any, ...]) -> Solution:
         status=status,
         nfev=nfev,
     )
-
-
-def _backward(
-    spec: Backward,
-    structure: Structure,
-    f_params: Callable[[Any, Any], Any],
-    z_star: Any,
-    params: Any,
-    g: Any,
-    forward: dict[str, Any],
-    run: Any,
-) -> Any:
-    """Cotangent of ``params`` for the cotangent ``g`` (``(B, n)``) on ``z*`` (``(B, n)``).
-
-    ``run`` drives the adjoint loop (``BACKEND.run`` with the call's ``sync_stop``);
-    ``forward`` holds the forward solve's tol, max_iter and on_failure (the defaults of an
-    :class:`Implicit` spec).
-    """
-
-    def f_flat(zf: Any, p: Any) -> Any:
-        return structure.flatten(jnp, f_params(structure.unflatten(jnp, zf), p))
-
-    if isinstance(spec, (Phantom, JFB)):
-        steps, lam = spec.steps, spec.damping
-
-        def unrolled(p: Any) -> Any:
-            z = z_star  # held constant: only the k steps are differentiated
-            for _ in range(steps):
-                z = f_flat(z, p) if lam == 1.0 else (1.0 - lam) * z + lam * f_flat(z, p)
-            return z
-
-        _, vjp_p = jax.vjp(unrolled, params)
-        return vjp_p(g)[0]
-
-    assert isinstance(spec, Implicit)
-    _, vjp_z = jax.vjp(lambda zf: f_flat(zf, params), z_star)
-    u, info, tol, max_iter = solve_implicit(
-        jnp, spec, lambda v: vjp_z(v)[0], g, forward_tol=forward["tol"],
-        forward_max_iter=forward["max_iter"], forward_on_failure=forward["on_failure"],
-        driver=run, eager=False,
-    )
-    if spec.resolved_on_failure(forward["on_failure"]) in ("warn", "raise"):
-        jax.debug.callback(
-            functools.partial(_warn_backward, method=spec.label, tol=tol, max_iter=max_iter),
-            info.status, info.residual, info.iterations,
-        )
-    _, vjp_p = jax.vjp(lambda p: f_flat(z_star, p), params)
-    return vjp_p(u)[0]
-
-
-def _warn_backward(status: Any, residual: Any, iterations: Any, *, method: str, tol: float,
-                   max_iter: int) -> None:
-    """Host side of the adjoint's failure report (runs under ``jit`` too): always a warning."""
-    import numpy as np
-
-    status = np.asarray(status)
-    info = AdjointInfo(
-        iterations=np.asarray(iterations), residual=np.asarray(residual),
-        converged=status == int(Status.CONVERGED), status=status,
-    )
-    report_adjoint(np, None, info, method=method, tol=tol, max_iter=max_iter,
-                   on_failure="warn")
 
 
 def _check_f_dtype(f_dtype: Any, state_dtype: Any) -> Any:

@@ -2,7 +2,12 @@
 
 No host synchronisation happens inside the loop; the continuation test is traced. Reverse
 mode through ``lax.while_loop`` is not defined: gradients of a solve come from the implicit
-function theorem (a ``custom_vjp`` adapter), never from differentiating the loop.
+function theorem (``eqsolve.jax.fixed_point``, a ``custom_jvp`` adapter), never from
+differentiating the loop. JAX's own error for reverse mode through the loop only surfaces in
+the backward pass, away from the call, so the loop's outputs pass through an identity
+(:func:`_no_reverse_mode`) whose transpose raises a :class:`ValueError` that points to
+``eqsolve.jax.fixed_point`` first; forward mode (``jax.jvp``) still differentiates the
+iterations.
 
 Sharding. Under ``jit`` with a sharded batch the loop is one SPMD program: ``any(active)``
 over the sharded flags is a global reduction (XLA inserts it), so every device runs the same
@@ -28,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero, linear_call
 
 from ..core.loop import LoopState, StopRule, loop_init, loop_step, needs_verification, verify
 from ..core.solver_base import FixedPointSolver
@@ -145,7 +151,7 @@ def _run_traced(
     def body(s: LoopState) -> LoopState:
         return loop_step(jnp, f, s, solver, rule)
 
-    state = jax.lax.while_loop(keep_going, body, state)
+    state = _no_reverse_mode(jax.lax.while_loop(keep_going, body, state))
     out: LoopState = jax.lax.cond(
         any_over_axes(needs_verification(jnp, state)),
         lambda s: verify(jnp, f, s, solver, rule),
@@ -153,6 +159,49 @@ def _run_traced(
         state,
     )
     return out
+
+
+#: what reverse mode through a plain solve's loop says instead of JAX's while_loop error
+REVERSE_MODE_ADVICE = (
+    "Reverse-mode differentiation does not work for lax.while_loop, and eqsolve.fixed_point "
+    "on JAX arrays runs its solver in a lax.while_loop. For gradients of a fixed point "
+    "(jax.grad, jax.vjp, jax.jacrev, jax.hessian, grad of grad) use "
+    "eqsolve.jax.fixed_point(f, z0, *args, ...): it differentiates z* = f(z*, *args) "
+    "implicitly (custom_jvp + custom_linear_solve), in every mode and order, without "
+    "differentiating the loop"
+)
+
+
+def _raise_reverse_mode(_: Any, cotangent: Any) -> Any:
+    raise ValueError(REVERSE_MODE_ADVICE)
+
+
+def _identity(_: Any, tangent: Any) -> Any:
+    return tangent
+
+
+@jax.custom_jvp
+def _no_reverse_mode(state: Any) -> Any:
+    """Identity on the loop's outputs; transposing its tangent raises the advice above."""
+    return state
+
+
+def _no_reverse_mode_jvp(primals: Any, tangents: Any) -> tuple[Any, Any]:
+    (state,), (d_state,) = primals, tangents
+    leaves, tree = jax.tree_util.tree_flatten(d_state)
+    out = []
+    for t in leaves:
+        if isinstance(t, SymbolicZero) or t.dtype == jax.dtypes.float0:
+            out.append(t)
+            continue
+        try:  # linear_call: a linear map whose transpose (reverse mode) is ours
+            out.append(linear_call(_identity, _raise_reverse_mode, (), t))
+        except NotImplementedError:  # no batching rule (jvp under vmap): no guard there
+            out.append(t)
+    return _no_reverse_mode(state), jax.tree_util.tree_unflatten(tree, out)
+
+
+_no_reverse_mode.defjvp(_no_reverse_mode_jvp, symbolic_zeros=True)
 
 
 class JaxBackend:
