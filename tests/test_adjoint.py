@@ -1,6 +1,6 @@
 """The adjoint solve ``(I - J^T) u = g`` on every installed backend, in float64 and float32.
 
-Every method ("neumann", "anderson", "broyden" -- the forward solvers reused on the linear
+Every method ("auto", "neumann", "anderson", "broyden" -- the forward solvers reused on the linear
 map -- and restarted "gmres") is compared with a dense float64 NumPy solve
 (``TanhCell.reference_adjoint``). The VJP is a batched product with the dense per-sample
 Jacobian, built with the backend's own arrays. Threads are pinned to one (a small VM stalls
@@ -36,13 +36,14 @@ except ImportError:  # pragma: no cover - torch is optional
 
 #: (method, options, max_iter): max_iter counts updates, or restart cycles for gmres
 METHODS = {
+    "auto": ("auto", {}, 500),
     "neumann": ("neumann", {}, 3000),
     "anderson": ("anderson", {}, 500),
     "broyden": ("broyden", {}, 500),
     "gmres": ("gmres", {}, 10),  # restart 20 >= n = 16: one cycle is the full Krylov space
     "gmres-r4": ("gmres", {"restart": 4}, 200),  # exercises the restarts
 }
-FIXED_POINT = ["neumann", "anderson", "broyden"]
+FIXED_POINT = ["auto", "neumann", "anderson", "broyden"]
 BASIC = [*FIXED_POINT, "gmres"]  # edge cases: the restart variant adds nothing there
 #: max relative error vs the dense float64 reference at the solve tolerance below
 ACCURACY = {"float64": 1e-9, "float32": 1e-4}
@@ -360,6 +361,7 @@ def _count_shared_loop_steps(monkeypatch, calls: dict) -> None:
     [
         ("neumann", eqsolve.core.picard.Picard),
         ("anderson", eqsolve.core.anderson.Anderson),
+        ("auto", eqsolve.core.auto.AutoAnderson),
         ("broyden", eqsolve.core.broyden.Broyden),
     ],
 )

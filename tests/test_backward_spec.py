@@ -52,7 +52,8 @@ def test_bad_specifications_name_the_field(make, exc, match):
 
 
 def test_shorthands_mean_the_objects():
-    assert backward_spec("anderson") == eqsolve.Implicit()
+    assert backward_spec("auto") == eqsolve.Implicit()  # the default method
+    assert backward_spec("anderson") == eqsolve.Implicit("anderson")
     assert backward_spec("gmres") == eqsolve.Implicit("gmres")
     assert backward_spec("phantom") == eqsolve.Phantom(5, 0.5)
     assert backward_spec("jfb") == eqsolve.JFB()
@@ -74,9 +75,9 @@ def test_defaults_resolve_from_the_forward_solve():
 
 
 LEGACY = [
-    ({"backward_tol": 1e-9}, "anderson", eqsolve.Implicit(tol=1e-9)),
+    ({"backward_tol": 1e-9}, "anderson", eqsolve.Implicit("anderson", tol=1e-9)),
     ({"backward_max_iter": 7, "backward_options": {"m": 3}}, "anderson",
-     eqsolve.Implicit(max_iter=7, options={"m": 3})),
+     eqsolve.Implicit("anderson", max_iter=7, options={"m": 3})),
     ({"backward_on_failure": "nan"}, "gmres", eqsolve.Implicit("gmres", on_failure="nan")),
     ({"phantom_steps": 3, "phantom_damping": 0.7}, "phantom", eqsolve.Phantom(3, 0.7)),
 ]

@@ -283,8 +283,8 @@ def test_gradient_through_closure_over_array():
     _, ref = reference(params_np, x_np, c_np, np.zeros_like(c_np))
     eager = jax.grad(partial(loss, backward="neumann", **FAST))(W)  # JVPTracer closure
     jitted = jax.jit(jax.grad(loss))(W)  # default solvers; W a jit tracer too
-    for g in (eager, jitted):
-        np.testing.assert_allclose(g, ref["W"], rtol=1e-8, atol=1e-12)
+    for g in (eager, jitted):  # the solves' tol 1e-11 bounds the error to ~1e-11 x ||ref||
+        np.testing.assert_allclose(g, ref["W"], rtol=1e-8, atol=1e-10)
     gW, gU, gb = jax.jit(jax.grad(loss_all, argnums=(0, 1, 2)))(W, U, b)
     assert rel_err({"W": gW, "U": gU, "b": gb}, ref) <= 1e-8
 

@@ -38,7 +38,7 @@ def fixed_point(
     backend: str | None = None,
     on_failure: str = "warn",
     sync_stop: Any = None,
-    backward: Backward | str | FixedPointSolver | None = "anderson",
+    backward: Backward | str | FixedPointSolver | None = "auto",
     states: Sequence[int] | None = None,
     **solver_options: Any,
 ) -> Solution:
@@ -55,7 +55,7 @@ def fixed_point(
     elsewhere there is no autodiff and ``backward`` is only validated.
 
     Args:
-        backward: ``eqsolve.Implicit(...)`` (default ``"anderson"``), ``eqsolve.Phantom(...)``,
+        backward: ``eqsolve.Implicit(...)`` (default ``"auto"``), ``eqsolve.Phantom(...)``,
             ``eqsolve.JFB()``, a shorthand, or ``None`` (see
             :mod:`eqsolve.adapters.backward`).
 

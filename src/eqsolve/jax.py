@@ -5,7 +5,7 @@
 
 Derivatives come from the implicit function theorem in forward mode (``jax.custom_jvp``):
 the tangent system ``(I - J_f) dz* = J_theta dtheta`` is solved inside
-``jax.lax.custom_linear_solve`` with "anderson" (default), "neumann", "broyden" or "gmres"
+``jax.lax.custom_linear_solve`` with "auto" (default), "anderson", "neumann", "broyden" or "gmres"
 (``eqsolve.Implicit``), and every transformation follows -- ``jvp``, ``jacfwd``, ``grad``
 (its transpose: the adjoint fixed point ``u = g + J_f(z*)^T u``), ``jacrev``, ``hessian``,
 grad of grad, ``vmap`` of them, under ``jit`` or eagerly. ``on_backward`` receives each

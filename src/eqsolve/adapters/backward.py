@@ -15,7 +15,7 @@ and read by the PyTorch, JAX and CuPy adapters alike (in the spirit of optimisti
   Fung et al., "JFB: Jacobian-free backpropagation for implicit networks", AAAI 2022).
 * ``None`` -- no gradient.
 
-The string shorthands are still accepted: ``"anderson"``, ``"broyden"``, ``"neumann"``,
+The string shorthands are still accepted: ``"auto"``, ``"anderson"``, ``"broyden"``, ``"neumann"``,
 ``"gmres"`` (or a configured solver object such as ``eqsolve.Anderson(m=8)``) mean
 ``Implicit(method=...)``; ``"phantom"`` means ``Phantom()``; ``"jfb"`` means ``JFB()``.
 
@@ -111,10 +111,13 @@ class Implicit:
     """Exact implicit gradient: solve ``u = g + J_f(z*)^T u``, then ``u^T df/dtheta``.
 
     Args:
-        method: ``"anderson"`` (default), ``"broyden"``, ``"neumann"`` (plain iteration,
-            i.e. the truncated Neumann series ``sum_k (J^T)^k g``; needs spectral radius of
-            ``J_f(z*)`` below 1), ``"gmres"`` (restarted, matrix-free), or a configured
-            fixed-point solver object such as ``eqsolve.Anderson(m=8)``.
+        method: ``"auto"`` (default: plain iteration per sample until it contracts slower
+            than ``start_ratio`` per step, then Anderson, the forward default's rule: where
+            plain iteration is fast it takes the same steps without Anderson's per-step
+            cost), ``"anderson"``, ``"broyden"``, ``"neumann"`` (plain
+            iteration, i.e. the truncated Neumann series ``sum_k (J^T)^k g``; needs spectral
+            radius of ``J_f(z*)`` below 1), ``"gmres"`` (restarted, matrix-free), or a
+            configured fixed-point solver object such as ``eqsolve.Anderson(m=8)``.
         tol: relative tolerance ``||g + J^T u - u|| <= tol ||g + J^T u||`` per sample;
             ``None`` (default): ``max(forward tol, 10 eps(dtype))``.
         max_iter: adjoint iterations (GMRES: restart cycles); ``None`` (default): the
@@ -128,7 +131,7 @@ class Implicit:
             warns.
     """
 
-    method: str | FixedPointSolver = "anderson"
+    method: str | FixedPointSolver = "auto"
     tol: float | None = None
     max_iter: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -250,7 +253,7 @@ def backward_spec(
 
     Args:
         backward: ``Implicit(...)``, ``Phantom(...)``, ``JFB()``, ``None``, a shorthand
-            (``"anderson"``, ``"broyden"``, ``"neumann"``, ``"gmres"``, ``"phantom"``,
+            (``"auto"``, ``"anderson"``, ``"broyden"``, ``"neumann"``, ``"gmres"``, ``"phantom"``,
             ``"jfb"``) or a configured solver object (``Implicit(method=obj)``).
         legacy: the deprecated keywords given (:data:`LEGACY_KEYWORDS`); each is folded into
             the object it configures, with a :class:`DeprecationWarning`.

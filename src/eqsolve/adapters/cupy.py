@@ -141,7 +141,7 @@ def _fixed_point_on(
     z0: Any,
     *,
     vjp: Callable[[Any, Any], Any],
-    backward: Backward | str | FixedPointSolver = "anderson",
+    backward: Backward | str | FixedPointSolver = "auto",
     fused: bool | None = None,
     sync_every: int = 8,
     **kwargs: Any,
@@ -173,7 +173,7 @@ def fixed_point_with_pullback(
     z0: Any,
     *,
     vjp: Callable[[Any, Any], Any],
-    backward: Backward | str | FixedPointSolver = "anderson",
+    backward: Backward | str | FixedPointSolver = "auto",
     fused: bool | None = None,
     sync_every: int = 8,
     **kwargs: Any,
@@ -186,7 +186,7 @@ def fixed_point_with_pullback(
         vjp: ``vjp(z, v) -> J_f(z)^T v``, the vector-Jacobian product of ``f`` with respect
             to ``z`` (``z`` and ``v`` have the structure of ``z0``).
         backward: the adjoint solve, ``eqsolve.Implicit(method, tol, max_iter, options,
-            on_failure)`` or its shorthand (``"anderson"``, the default; ``"neumann"``,
+            on_failure)`` or its shorthand (``"auto"``, the default; ``"anderson"``, ``"neumann"``,
             ``"broyden"``, ``"gmres"``, a solver object). ``Phantom``/``JFB`` need autodiff
             of ``f`` with respect to its parameters, which CuPy does not have.
         fused, sync_every: as in :func:`solve` (they apply to the adjoint solve too).

@@ -13,7 +13,7 @@ implicit function theorem as a Jacobian-vector product:
     (I - J_f) dz* = J_theta dtheta,       J_f = df/dz (z*, theta),  J_theta = df/dtheta,
 
 a linear system solved matrix-free (products ``J_f v`` by linearizing ``f`` in ``z``) per
-sample with the user's adjoint method ("anderson", "neumann", "broyden", "gmres"), inside
+sample with the user's adjoint method ("auto", "anderson", "neumann", "broyden", "gmres"), inside
 ``jax.lax.custom_linear_solve`` (:mod:`eqsolve.adapters.jax_tangent`). That one rule is the
 whole derivative; JAX derives the rest:
 
@@ -105,7 +105,7 @@ def fixed_point(
     max_iter: int = 100,
     batch_axis: BatchAxis = "auto",
     on_failure: str = "warn",
-    backward: Backward | str | FixedPointSolver | None = "anderson",
+    backward: Backward | str | FixedPointSolver | None = "auto",
     on_backward: Callable[[AdjointInfo], None] | None = None,
     sync_stop: str | tuple[str, ...] | None = None,
     f_dtype: Any = None,
@@ -145,7 +145,7 @@ def fixed_point(
             raise inside a transformation -- makes those samples' derivative NaN and warns.
         backward: how the gradient is defined (:mod:`eqsolve.adapters.backward`):
             ``eqsolve.Implicit(method, tol, max_iter, options, on_failure)`` (default
-            ``"anderson"``; also ``"neumann"``, ``"broyden"``, ``"gmres"`` or a solver
+            ``"auto"``; also ``"anderson"``, ``"neumann"``, ``"broyden"``, ``"gmres"`` or a solver
             object), the biased ``eqsolve.Phantom(steps, damping)`` / ``eqsolve.JFB()``
             (``"phantom"``, ``"jfb"``; see the module docstring), or ``None`` (no
             gradient: the solve's inputs are wrapped in ``lax.stop_gradient``).

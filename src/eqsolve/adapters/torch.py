@@ -226,7 +226,7 @@ def fixed_point(
     atol: float = 0.0,
     max_iter: int = 100,
     batch_axis: BatchAxis = "auto",
-    backward: Backward | str | FixedPointSolver | None = "anderson",
+    backward: Backward | str | FixedPointSolver | None = "auto",
     on_failure: str = "warn",
     on_backward: Callable[[AdjointInfo], None] | None = None,
     sync_stop: Any = False,
@@ -266,7 +266,7 @@ def fixed_point(
         backward: how gradients are computed (:mod:`eqsolve.adapters.backward`):
             ``eqsolve.Implicit(method, tol, max_iter, options, on_failure)`` -- the exact
             implicit gradient ``u^T df/dtheta`` with ``u = g + J_f(z*)^T u`` (the default,
-            ``"anderson"``; also ``"broyden"``, ``"neumann"``, ``"gmres"`` or a solver
+            ``"auto"``; also ``"anderson"``, ``"broyden"``, ``"neumann"``, ``"gmres"`` or a solver
             object); ``eqsolve.Phantom(steps, damping)`` (``"phantom"``: biased, Geng et al.
             2021); ``eqsolve.JFB()`` (``"jfb"``: ``u = g``, biased, Fung et al. 2022);
             ``None``: no gradient.
@@ -477,7 +477,7 @@ class DEQ(nn.Module):
         atol: float = 0.0,
         max_iter: int = 100,
         batch_axis: BatchAxis = "auto",
-        backward: Backward | str | FixedPointSolver | None = "anderson",
+        backward: Backward | str | FixedPointSolver | None = "auto",
         on_failure: str = "warn",
         sync_stop: Any = False,
         f_dtype: torch.dtype | None = None,

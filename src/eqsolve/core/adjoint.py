@@ -7,7 +7,8 @@ For ``z* = f(z*, theta)`` and a cotangent ``g = dL/dz*``, the implicit function 
 
 which needs only vector-Jacobian products ``v -> J_f(z*)^T v`` (``vjp``), batched per sample
 on the ``(B, n)`` view. The fixed-point methods ("neumann" = plain iteration, i.e. the
-truncated Neumann series ``sum_k (J^T)^k g``; "anderson"; "broyden") run the *forward*
+truncated Neumann series ``sum_k (J^T)^k g``; "anderson"; "broyden"; "auto", the default,
+plain iteration per sample until it contracts slowly, then Anderson) run the *forward*
 solvers and loop of ``core`` on the linear map ``h(u) = g + vjp(u)``: one code path.
 
 The right-hand side is normalised per sample (``g / ||g||``; solved; scaled back), so tiny
@@ -28,7 +29,9 @@ __all__ = ["FIXED_POINT_METHODS", "AdjointInfo", "adjoint_solve", "default_adjoi
            "solve_adjoint_loop"]
 
 #: fixed-point methods and the forward solver each one reuses
-FIXED_POINT_METHODS = {"neumann": "picard", "anderson": "anderson", "broyden": "broyden"}
+FIXED_POINT_METHODS = {
+    "auto": "auto", "neumann": "picard", "anderson": "anderson", "broyden": "broyden",
+}
 
 
 def default_adjoint_tol(forward_tol: float, dtype_eps: float) -> float:
@@ -41,7 +44,7 @@ def adjoint_solve(
     vjp: Callable[[Any], Any],
     g: Any,
     *,
-    method: str | FixedPointSolver = "anderson",
+    method: str | FixedPointSolver = "auto",
     tol: float = 1e-6,
     max_iter: int = 100,
     driver: Driver | None = None,
@@ -53,8 +56,9 @@ def adjoint_solve(
         xp: Array-API namespace of ``g``.
         vjp: ``v -> J_f(z*)^T v`` on ``(B, n)`` arrays (per sample).
         g: cotangent ``dL/dz*``.
-        method: "neumann", "anderson", "broyden" (forward solvers reused on the linear map),
-            "gmres", or a configured fixed-point solver object.
+        method: "auto" (plain iteration per sample until it contracts slowly, then
+            Anderson: the forward default's rule), "neumann", "anderson", "broyden" (forward
+            solvers reused on the linear map), "gmres", or a configured solver object.
         tol: relative tolerance on ``||g + J^T u - u|| / ||g + J^T u||``.
         max_iter: maximum updates (fixed-point methods) or restart cycles (gmres).
         driver: loop driver (``Backend.run``); defaults to the Python loop.
