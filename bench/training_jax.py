@@ -1,15 +1,13 @@
 """JAX rows of the training-step workload: ``jax.jit(jax.value_and_grad(loss))`` of
 ``L = sum(c * z*)`` with respect to the cell's parameters, float32 (x64 off).
 
-Rows: eqsolve's default solver and Anderson (``eqsolve.jax.fixed_point``, default implicit
-Anderson backward); jaxopt ``AndersonAcceleration(implicit_diff=True)`` with its defaults and
-the tuned settings of :mod:`bench.peers._jaxopt`; optimistix ``fixed_point`` with
-``FixedPointIteration`` and ``ImplicitAdjoint(lineax.GMRES)`` (its dense default linear solver
-cannot fit the batch); the floor, backprop through ``K`` unrolled applications of the cell
-(``lax.fori_loop`` with a static trip count, ``K`` = eqsolve's forward f-evals). The absolute
-tolerances of the peers are translated as in the forward benchmark (``tol * min_b
-||f(z0)_b||``).
-"""
+Rows: eqsolve's :data:`~bench.training_types.EQSOLVE_ROWS` (``eqsolve.jax.fixed_point``);
+jaxopt ``AndersonAcceleration(implicit_diff=True)`` with its defaults and the tuned settings of
+:mod:`bench.peers._jaxopt`; optimistix ``fixed_point`` with ``FixedPointIteration`` and
+``ImplicitAdjoint(lineax.GMRES)`` (its dense default linear solver cannot fit the batch); the
+floor, backprop through ``K`` unrolled applications of the cell (``lax.fori_loop`` with a
+static trip count, ``K`` = eqsolve's forward f-evals). The absolute tolerances of the peers are
+translated as in the forward benchmark (``tol * min_b ||f(z0)_b||``). """
 
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ from .peers._jaxopt import settings as jaxopt_settings
 from .peers._optimistix import fixed_point_settings, implicit_adjoint
 from .peers._optimistix import make_solver as optimistix_solver
 from .training_problems import TrainingProblem
-from .training_types import StepRow
+from .training_types import EQSOLVE_ROWS, StepRow
 
 
 def _arrays(pr: TrainingProblem) -> tuple[Any, dict[str, Any], Any, Any, Any]:
@@ -68,17 +66,16 @@ def rows(pr: TrainingProblem, tol: float, max_iter: int, K: int) -> list[StepRow
         step = jax.jit(jax.value_and_grad(loss, has_aux=True))
         return lambda: step(P)
 
-    for method in ("auto", "anderson"):
+    for method, backward, variant in EQSOLVE_ROWS:
 
-        def eq_loss(P: Any, method: str = method) -> Any:
+        def eq_loss(P: Any, method: str = method, backward: str = backward) -> Any:
             sol = ej.fixed_point(cell, z0, P, x, solver=method, tol=tol, max_iter=max_iter,
-                                 on_failure="ignore")
+                                 on_failure="ignore", backward=backward)
             return jnp.sum(sol.value * c), (sol.value, sol.nfev)
 
-        out.append(StepRow("jax", "eqsolve", method, "default" if method == "auto" else "",
-                           jitted(eq_loss), _to_numpy, {"solver": method, "tol": tol,
-                                                        "max_iter": max_iter,
-                                                        "backward": "anderson"}))
+        out.append(StepRow("jax", "eqsolve", method, variant, jitted(eq_loss), _to_numpy,
+                           {"solver": method, "tol": tol, "max_iter": max_iter,
+                            "backward": backward}))
 
     f0 = np.asarray(pr.base.f64(np.zeros(pr.c.shape)), dtype=np.float64)
     norms = np.linalg.norm(f0.reshape(f0.shape[0], -1), axis=1)

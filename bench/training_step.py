@@ -5,11 +5,12 @@ loss (``L = sum(c * z*)``), float32, at DEQ-training tolerances (1e-4 and 1e-6, 
 100), on the problems of :mod:`bench.training_problems` (tanh cells at (d, B) = (128, 64) and
 (512, 256), the trained ``digits`` cell and the ``conv`` cell). Rows per framework:
 
-* torch: eqsolve default and Anderson, torchdeq ``get_deq(ift=True)`` (Anderson forward and
-  backward; defaults and tuned), and the floor;
-* JAX (jitted): eqsolve default and Anderson, jaxopt ``AndersonAcceleration(implicit_diff=True)``
-  (defaults and tuned), optimistix ``FixedPointIteration`` + ``ImplicitAdjoint(GMRES)``, and
-  the floor.
+* eqsolve (both frameworks; JAX jitted): the defaults (``auto`` forward, ``auto`` adjoint),
+  the default forward with the Anderson adjoint, Anderson forward and adjoint;
+* torch: torchdeq ``get_deq(ift=True)`` (Anderson forward and backward; defaults and
+  tuned), and the floor;
+* JAX: jaxopt ``AndersonAcceleration(implicit_diff=True)`` (defaults and tuned), optimistix
+  ``FixedPointIteration`` + ``ImplicitAdjoint(GMRES)``, and the floor.
 
 The floor is backprop through ``K`` unrolled applications of the cell, ``K`` = the forward
 f-evaluations of eqsolve's default solver on that framework: the same number of ``f`` calls
@@ -128,21 +129,21 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
 
 def format_rows(results: list[dict[str, Any]]) -> str:
     lines = []
-    head = (f"  {'framework':9s} {'row':32s} {'ms median (min-max)':>24s} {'x floor':>8s} "
+    head = (f"  {'framework':9s} {'row':38s} {'ms median (min-max)':>24s} {'x floor':>8s} "
             f"{'x eqsolve':>9s} {'f-evals':>7s} {'max resid':>9s} {'grad err':>9s} "
             f"{'1st call s':>10s}")
     for key in dict.fromkeys((r["problem"], r["size"], r["tol"]) for r in results):
         lines += ["", f"{key[0]} ({key[1]}), float32, tol {key[2]:g}", head]
         for r in (r for r in results if (r["problem"], r["size"], r["tol"]) == key):
             if "error" in r:
-                lines.append(f"  {r['framework']:9s} {r['name']:32s} failed: {r['error']}")
+                lines.append(f"  {r['framework']:9s} {r['name']:38s} failed: {r['error']}")
                 continue
             span = f"{r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f})"
             xf = "-" if r.get("x_floor") is None else f"{r['x_floor']:.2f}"
             xd = "-" if r.get("x_default") is None else f"{r['x_default']:.2f}"
             nf = "-" if r.get("nfev") is None else str(r["nfev"])
             lines.append(
-                f"  {r['framework']:9s} {r['name']:32s} {span:>24s} {xf:>8s} {xd:>9s} "
+                f"  {r['framework']:9s} {r['name']:38s} {span:>24s} {xf:>8s} {xd:>9s} "
                 f"{nf:>7s} {r['max_residual']:9.1e} {r['grad_rel_err']:9.1e} "
                 f"{r['first_call_s']:10.2f}"
             )

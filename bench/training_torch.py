@@ -1,10 +1,10 @@
 """PyTorch rows of the training-step workload: one step = forward solve + backward + the
 parameter gradients of ``L = sum(c * z*)``, float32, parameters as leaf tensors.
 
-Rows: eqsolve's default solver and Anderson (``eqsolve.torch.fixed_point``, default implicit
-Anderson backward); torchdeq's ``get_deq(ift=True)`` with Anderson forward and backward, its
-defaults and the tuned ``lam`` of :mod:`bench.peers._torchdeq`; and the floor, backprop through
-``K`` unrolled applications of the cell from ``z0 = 0`` (``K`` = eqsolve's forward f-evals).
+Rows: eqsolve's :data:`~bench.training_types.EQSOLVE_ROWS` (``eqsolve.torch.fixed_point``);
+torchdeq's ``get_deq(ift=True)`` with Anderson forward and backward, its defaults and the tuned
+``lam`` of :mod:`bench.peers._torchdeq`; and the floor, backprop through ``K`` unrolled
+applications of the cell from ``z0 = 0`` (``K`` = eqsolve's forward f-evals).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from .peers._torchdeq import DEFAULTS as TORCHDEQ_DEFAULTS
 from .peers._torchdeq import TUNED as TORCHDEQ_TUNED
 from .training_problems import TrainingProblem
-from .training_types import StepOutput, StepRow
+from .training_types import EQSOLVE_ROWS, StepOutput, StepRow
 
 
 def forward_fevals(pr: TrainingProblem, tol: float, max_iter: int) -> int:
@@ -60,16 +60,16 @@ def rows(pr: TrainingProblem, tol: float, max_iter: int, K: int) -> list[StepRow
         return z.detach().double().numpy(), g, nfev
 
     out: list[StepRow] = []
-    for method in ("auto", "anderson"):
+    for method, backward, variant in EQSOLVE_ROWS:
 
-        def eq_step(method: str = method) -> Any:
+        def eq_step(method: str = method, backward: str = backward) -> Any:
             sol = et.fixed_point(lambda z: cell(z, P, x), z0, solver=method, tol=tol,
-                                 max_iter=max_iter, on_failure="ignore")
+                                 max_iter=max_iter, on_failure="ignore", backward=backward)
             return sol.value, grads_of(sol.value), int(sol.nfev)
 
-        out.append(StepRow("torch", "eqsolve", method, "default" if method == "auto" else "",
-                           eq_step, to_numpy, {"solver": method, "tol": tol,
-                                               "max_iter": max_iter, "backward": "anderson"}))
+        out.append(StepRow("torch", "eqsolve", method, variant, eq_step, to_numpy,
+                           {"solver": method, "tol": tol, "max_iter": max_iter,
+                            "backward": backward}))
     for variant, hyper in (("defaults", TORCHDEQ_DEFAULTS["anderson"]),
                            ("tuned", TORCHDEQ_TUNED["anderson"])):
         out.append(_torchdeq_row(cell, P, x, z0, grads_of, to_numpy, tol, max_iter, variant,

@@ -8,6 +8,15 @@ from typing import Any
 
 import numpy as np
 
+#: eqsolve's rows: (forward solver, backward, variant). The defaults (auto forward, auto
+#: adjoint); the default forward with the Anderson adjoint (the default before "auto" was);
+#: Anderson forward and backward
+EQSOLVE_ROWS = (
+    ("auto", "auto", "default"),
+    ("auto", "anderson", "backward=anderson"),
+    ("anderson", "anderson", "backward=anderson"),
+)
+
 #: what a row's ``to_numpy`` returns: the returned z*, the parameter gradients, f-evals
 StepOutput = tuple[np.ndarray, dict[str, np.ndarray], "int | None"]
 

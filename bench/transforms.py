@@ -7,7 +7,8 @@ plain steps from ``z = 0`` (error ``0.5^300``, below roundoff), differentiated b
 framework itself, at every order. First-order rows are also checked against the dense
 implicit-function-theorem Jacobian ``(I - J_f)^{-1} df/dx`` (NumPy, float64). Prints one
 table, transformation x framework, with the relative error ``||eqsolve - reference|| /
-||reference||`` (or the error the framework raises).
+||reference||`` (or the error the framework raises). ``--compile`` adds a DEQ training step
+under ``torch.compile``: graph breaks, first-call (compile) time, step time against eager.
 """
 
 from __future__ import annotations
@@ -200,10 +201,65 @@ def jax_rows() -> dict[str, float | str]:
     return rows
 
 
+def torch_compile_rows(reps: int = 50) -> list[str]:
+    """A DEQ training step (tanh cell, d=32, B=8, float32) eager and under ``torch.compile``
+    (inductor), closure and explicit-args forms: graph breaks, first compile, step time."""
+    import statistics
+    import time
+
+    import torch
+
+    import eqsolve.torch as et
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 32, generator=g)
+    W = (0.5 * W / torch.linalg.matrix_norm(W, 2)).requires_grad_(True)
+    x = torch.randn(8, 32, generator=g)
+
+    def cell(z: Any, W: Any, x: Any) -> Any:
+        return torch.tanh(z @ W.T + x)
+
+    def closure_step(W: Any, x: Any) -> Any:
+        z = et.fixed_point(lambda z: cell(z, W, x), torch.zeros_like(x), tol=1e-5).value
+        return torch.autograd.grad((z**2).sum(), W)[0]
+
+    def args_step(W: Any, x: Any) -> Any:
+        z = et.fixed_point(cell, torch.zeros_like(x), W, x, tol=1e-5).value
+        return torch.autograd.grad((z**2).sum(), W)[0]
+
+    def median_ms(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
+
+    lines = []
+    for name, step in (("closure f", closure_step), ("f(z, *args)", args_step)):
+        torch._dynamo.reset()
+        breaks = torch._dynamo.explain(step)(W, x).graph_break_count
+        torch._dynamo.reset()
+        compiled = torch.compile(step)
+        t0 = time.perf_counter()
+        compiled(W, x)
+        first = time.perf_counter() - t0
+        step(W, x)
+        lines.append(
+            f"| torch.compile, {name} | {breaks} graph break(s), first call {first:.1f} s, step "
+            f"{median_ms(lambda c=compiled: c(W, x)):.2f} ms vs eager "
+            f"{median_ms(lambda s=step: s(W, x)):.2f} ms |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.transforms", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.parse_args(argv)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time a DEQ step under torch.compile (inductor; ~30 s)")
+    args = ap.parse_args(argv)
     print("| framework | transformation | relative error vs reference |")
     print("|---|---|---|")
     for fw, rows_of in (("torch", torch_rows), ("jax", jax_rows)):
@@ -213,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, err in rows_of().items():
             shown = f"{err:.1e}" if isinstance(err, float) else f"fails: {err}"
             print(f"| {fw} | {name} | {shown} |")
+    if args.compile and importlib.util.find_spec("torch") is not None:
+        print("\n| torch.compile (tanh cell d=32, B=8, float32) | figures |\n|---|---|")
+        for line in torch_compile_rows():
+            print(line)
     return 0
 
 
