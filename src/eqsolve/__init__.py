@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 from . import api
-from .adapters.backward import JFB, Implicit, Phantom
+from .adapters.backward import JFB, SHINE, Implicit, Phantom
 from .api import fixed_point, solve
 from .backends import BACKEND_NAMES, BackendUnavailableError
 from .core import (
@@ -46,6 +46,7 @@ __all__ = [
     "JFB",
     "Phantom",
     "Picard",
+    "SHINE",
     "Solution",
     "Status",
     "api",

@@ -9,14 +9,14 @@ the tangent system ``(I - J_f) dz* = J_theta dtheta`` is solved inside
 (``eqsolve.Implicit``), and every transformation follows -- ``jvp``, ``jacfwd``, ``grad``
 (its transpose: the adjoint fixed point ``u = g + J_f(z*)^T u``), ``jacrev``, ``hessian``,
 grad of grad, ``vmap`` of them, under ``jit`` or eagerly. ``on_backward`` receives each
-linear solve's :class:`AdjointInfo`. The biased ``eqsolve.Phantom`` and ``eqsolve.JFB`` are
-available for training. See :func:`eqsolve.adapters.jax.fixed_point`. Importing this module
-imports JAX.
+linear solve's :class:`AdjointInfo`. The biased ``eqsolve.Phantom``, ``eqsolve.JFB`` and
+``eqsolve.SHINE`` (Broyden forward) are available for training. See
+:func:`eqsolve.adapters.jax.fixed_point`. Importing this module imports JAX.
 """
 
 from __future__ import annotations
 
-from .adapters.backward import BACKWARD_ON_FAILURE, JFB, Implicit, Phantom
+from .adapters.backward import BACKWARD_ON_FAILURE, JFB, SHINE, Implicit, Phantom
 from .adapters.jax import BACKWARD_METHODS, fixed_point
 from .adapters.jax_dropout import variational_dropout
 from .adapters.jax_jacobian import jacobian_reg
@@ -27,8 +27,8 @@ from .core.solution import ConvergenceError, ConvergenceWarning, Solution, Statu
 
 __all__ = [
     "BACKWARD_METHODS", "BACKWARD_ON_FAILURE", "JFB", "AdjointInfo", "ConvergenceError",
-    "ConvergenceWarning", "Implicit", "Phantom", "Solution", "SpectralRadius", "Status",
-    "fixed_point", "jacobian_reg", "spectral_radius", "variational_dropout",
+    "ConvergenceWarning", "Implicit", "Phantom", "SHINE", "Solution", "SpectralRadius",
+    "Status", "fixed_point", "jacobian_reg", "spectral_radius", "variational_dropout",
 ]
 
 #: names of the previous release (the method groups are now the spec's kinds)

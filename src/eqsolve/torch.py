@@ -18,7 +18,7 @@ is exact: ``create_graph=True`` (second, third order), ``gradgradcheck`` and the
 
 from __future__ import annotations
 
-from .adapters.backward import JFB, Implicit, Phantom
+from .adapters.backward import JFB, SHINE, Implicit, Phantom
 from .adapters.torch import ADJOINT_METHODS, BACKWARD_METHODS, DEQ, fixed_point
 from .adapters.torch_dropout import VariationalDropout
 from .adapters.torch_jacobian import jacobian_reg
@@ -28,6 +28,6 @@ from .core.solution import ConvergenceError, ConvergenceWarning, Solution
 
 __all__ = [
     "ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "JFB", "AdjointInfo", "ConvergenceError",
-    "ConvergenceWarning", "Implicit", "Phantom", "Solution", "SpectralRadius",
+    "ConvergenceWarning", "Implicit", "Phantom", "SHINE", "Solution", "SpectralRadius",
     "VariationalDropout", "fixed_point", "jacobian_reg", "spectral_radius",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 import array_api_compat as aac
 
 from ..backends import backend_name_of, get_backend
-from ..core.loop import StopRule
+from ..core.loop import LoopState, StopRule
 from ..core.measure import flush_floor
 from ..core.precision import OnGrid, widened, working_dtype
 from ..core.solution import Solution, Status
@@ -24,7 +24,7 @@ from ..core.structure import BatchAxis, structure_of
 from ..core.validation import check_arguments, check_f_output, check_state_arrays, check_states
 from .reporting import report_coupling, report_failures
 
-__all__ = ["ENTRY_KEYWORDS", "check_keywords", "solve"]
+__all__ = ["ENTRY_KEYWORDS", "check_keywords", "solve", "solve_state"]
 
 #: the keyword arguments of the entry points, for "did you mean" hints
 ENTRY_KEYWORDS: tuple[str, ...] = (
@@ -159,6 +159,34 @@ def solve(
         >>> bool(sol.converged.all()), round(float(sol.value[0, 0]), 6)
         (True, 0.739085)
     """
+    return solve_state(
+        f, z0, solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
+        backend=backend, on_failure=on_failure, sync_stop=sync_stop, states=states,
+        **solver_options,
+    )[0]
+
+
+def solve_state(
+    f: Callable[[Any], Any],
+    z0: Any,
+    *,
+    solver: str | FixedPointSolver = "auto",
+    tol: float = 1e-6,
+    atol: float = 0.0,
+    max_iter: int = 100,
+    batch_axis: BatchAxis = "auto",
+    backend: str | None = None,
+    on_failure: str = "warn",
+    sync_stop: Any = None,
+    states: Sequence[int] | None = None,
+    **solver_options: Any,
+) -> tuple[Solution, LoopState]:
+    """:func:`solve`, also returning the driver's final :class:`LoopState` (internal).
+
+    ``LoopState.solver`` is the solver's own state after its last update (e.g. SHINE reads
+    the Broyden factors from it: :mod:`eqsolve.adapters.shine`); its arrays are on the
+    ``(B, n)`` view, in the working dtype (float32 for a float16/bfloat16 state).
+    """
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
     record_at = check_states(states, max_iter)
     check_keywords(solver, solver_options, "solve")
@@ -227,7 +255,7 @@ def solve(
     if on_failure != "ignore" and not be.is_traced(state.status):
         report_coupling(xp, per_sample(state.reopened))
         report_failures(xp, sol, on_failure, float(tol), max_iter)
-    return sol
+    return sol, state
 
 
 def _flat_map(f: Callable[[Any], Any], z0: Any, structure: Any, be: Any) -> Callable[[Any], Any]:

@@ -13,11 +13,14 @@ and read by the PyTorch, JAX and CuPy adapters alike (in the spirit of optimisti
   training implicit models", NeurIPS 2021).
 * :class:`JFB` -- Jacobian-free backpropagation: ``u = g``, i.e. one undamped step (biased;
   Fung et al., "JFB: Jacobian-free backpropagation for implicit networks", AAAI 2022).
+* :class:`SHINE` -- ``u = -H^T g`` with the forward Broyden solve's own inverse-Jacobian
+  estimate ``H`` (no adjoint solve; biased; Ramzi et al., ICLR 2022). Broyden forward only.
 * ``None`` -- no gradient.
 
 The string shorthands are still accepted: ``"auto"``, ``"anderson"``, ``"broyden"``, ``"neumann"``,
 ``"gmres"`` (or a configured solver object such as ``eqsolve.Anderson(m=8)``) mean
-``Implicit(method=...)``; ``"phantom"`` means ``Phantom()``; ``"jfb"`` means ``JFB()``.
+``Implicit(method=...)``; ``"phantom"`` means ``Phantom()``; ``"jfb"`` means ``JFB()``;
+``"shine"`` means ``SHINE()``.
 
 Defaults, the same on every framework: the adjoint tolerance is ``max(tol, 10 eps(dtype))``
 (tied to the forward's), its iteration budget is the forward's ``max_iter``, and a failure
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.adjoint import FIXED_POINT_METHODS, AdjointInfo, adjoint_solve, default_adjoint_tol
+from ..core.broyden import Broyden
 from ..core.driver import Driver
 from ..core.gmres import gmres_solve
 from ..core.solver_base import FixedPointSolver, make_solver
@@ -50,10 +54,12 @@ __all__ = [
     "BACKWARD_ON_FAILURE",
     "JFB",
     "LEGACY_KEYWORDS",
+    "SHINE",
     "Backward",
     "Implicit",
     "Phantom",
     "backward_spec",
+    "check_shine_solver",
     "pop_legacy",
     "solve_implicit",
 ]
@@ -221,8 +227,40 @@ class JFB:
         return 1.0
 
 
+@dataclass(frozen=True)
+class SHINE:
+    """SHINE: the adjoint from the forward Broyden solve's inverse-Jacobian estimate.
+
+    The exact adjoint of a cotangent ``g = dL/dz*`` is ``u = (I - J_f^T)^{-1} g =
+    -(J_g^T)^{-1} g`` with ``g(z) = f(z) - z``. Broyden's method (:class:`eqsolve.Broyden`)
+    builds ``H = -I + sum_i u_i v_i^T ~ J_g^{-1}`` during the forward solve; SHINE reuses it
+    instead of solving the adjoint system:
+
+        u ~ -H^T g,      dL/dtheta = u^T df/dtheta(z*)
+
+    (forward mode: ``dz* ~ -H (J_theta dtheta)``). It costs one call of ``f`` at ``z*`` (as
+    :class:`Implicit`) and ``O(memory n)`` per sample, with no adjoint iterations. The
+    gradient is **biased**: ``H`` is a low-rank secant approximation, accurate only along the
+    directions the forward iterates explored, so the error does not vanish as ``tol -> 0``
+    (Ramzi, Mannel, Bhatt, Peyre, Ciuciu, Starck, "SHINE: SHaring the INverse Estimate from
+    the forward pass for bi-level optimization and implicit models", ICLR 2022). Without any
+    update (``H = -I``) it reduces to :class:`JFB` (``u = g``).
+
+    Which estimate: the one of the solver's *last* update. Each sample returns its best
+    iterate, which may differ from the last one where ``H`` was built (a non-monotone
+    residual); a sample that stopped before the rest of the batch keeps its terms until the
+    batch's Broyden memory restarts, after which its ``H`` is ``-I`` (``u = g``). Choose
+    ``memory`` at least the number of iterations to keep every term.
+
+    Requires the forward solver to be Broyden (``solver="broyden"`` or an
+    ``eqsolve.Broyden(...)`` object). Not supported: CuPy, second-order derivatives, the
+    explicit-``args`` form of ``eqsolve.torch.fixed_point`` (use a closure ``f``), and
+    ``states=``.
+    """
+
+
 #: a validated backward specification (``None``: no gradient)
-Backward = Implicit | Phantom | JFB
+Backward = Implicit | Phantom | JFB | SHINE
 
 #: keyword arguments of earlier releases that :func:`backward_spec` still understands
 LEGACY_KEYWORDS: tuple[str, ...] = (
@@ -234,7 +272,7 @@ LEGACY_KEYWORDS: tuple[str, ...] = (
     "phantom_damping",
 )
 
-_SHORTHANDS = (*ADJOINT_METHODS, "phantom", "jfb")
+_SHORTHANDS = (*ADJOINT_METHODS, "phantom", "jfb", "shine")
 
 
 def pop_legacy(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +284,7 @@ def backward_spec(
     backward: Any,
     legacy: Mapping[str, Any] | None = None,
     *,
-    allow: tuple[type, ...] = (Implicit, Phantom, JFB),
+    allow: tuple[type, ...] = (Implicit, Phantom, JFB, SHINE),
     where: str = "",
 ) -> Backward | None:
     """The validated backward specification of a call.
@@ -265,7 +303,7 @@ def backward_spec(
         TypeError / ValueError: naming the argument.
     """
     legacy = dict(legacy or {})
-    if isinstance(backward, (Implicit, Phantom, JFB)) or backward is None:
+    if isinstance(backward, (Implicit, Phantom, JFB, SHINE)) or backward is None:
         spec = backward
     elif isinstance(backward, FixedPointSolver):
         spec = Implicit(method=backward)
@@ -276,16 +314,19 @@ def backward_spec(
             spec = Phantom()
         elif backward == "jfb":
             spec = JFB()
+        elif backward == "shine":
+            spec = SHINE()
         else:
             raise ValueError(
                 f"backward must be one of {', '.join(map(repr, _SHORTHANDS))}, None, or "
-                f"eqsolve.Implicit(...), eqsolve.Phantom(...), eqsolve.JFB(); got {backward!r}"
+                f"eqsolve.Implicit(...), eqsolve.Phantom(...), eqsolve.JFB(), eqsolve.SHINE(); "
+                f"got {backward!r}"
             )
     else:
         raise TypeError(
             "backward must be eqsolve.Implicit(...), eqsolve.Phantom(...), eqsolve.JFB(), "
-            "None, a method name or a solver object such as eqsolve.Anderson(m=5); got "
-            f"{type(backward).__name__}"
+            "eqsolve.SHINE(), None, a method name or a solver object such as "
+            f"eqsolve.Anderson(m=5); got {type(backward).__name__}"
         )
     if legacy:
         spec = _fold_legacy(spec, backward, legacy)
@@ -301,12 +342,25 @@ def backward_spec(
     return spec
 
 
+def check_shine_solver(spec: Backward | None, solver: Any) -> None:
+    """:class:`SHINE` needs the forward solver to be Broyden (``ValueError`` otherwise)."""
+    if isinstance(spec, SHINE) and not (
+        isinstance(solver, Broyden) or (isinstance(solver, str) and solver.lower() == "broyden")
+    ):
+        shown = solver if isinstance(solver, str) else type(solver).__name__
+        raise ValueError(
+            f"backward=eqsolve.SHINE() reuses the forward Broyden solve's inverse-Jacobian "
+            f"estimate, so it needs solver='broyden' (or an eqsolve.Broyden(...) object); got "
+            f"solver={shown!r}"
+        )
+
+
 def _fold_legacy(
     spec: Backward | None, backward: Any, legacy: dict[str, Any]
 ) -> Backward | None:
     """The object that the deprecated keywords configure (they are not mixed with one)."""
     given = ", ".join(sorted(legacy))
-    if isinstance(backward, (Implicit, Phantom, JFB)):
+    if isinstance(backward, (Implicit, Phantom, JFB, SHINE)):
         raise ValueError(
             f"{given} cannot be combined with backward={backward!r}: set them on the object"
         )

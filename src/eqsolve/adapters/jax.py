@@ -86,11 +86,19 @@ from ..core.solver_base import FixedPointSolver
 from ..core.structure import BatchAxis, structure_of
 from ..core.validation import check_arguments, check_state_arrays, check_states
 from .array import check_keywords, solve
-from .backward import ADJOINT_METHODS, Backward, backward_spec, pop_legacy
+from .backward import (
+    ADJOINT_METHODS,
+    SHINE,
+    Backward,
+    backward_spec,
+    check_shine_solver,
+    pop_legacy,
+)
 from .jax_tangent import check_on_backward, point_tangent
+from .shine import solve_with_factors
 
 #: every accepted ``backward=`` shorthand
-BACKWARD_METHODS: tuple[str, ...] = (*ADJOINT_METHODS, "phantom", "jfb")
+BACKWARD_METHODS: tuple[str, ...] = (*ADJOINT_METHODS, "phantom", "jfb", "shine")
 #: keywords of :func:`fixed_point` beyond those of :func:`eqsolve.solve`
 _JAX_KEYWORDS = ("backward", "f_dtype", "on_backward")
 
@@ -147,7 +155,9 @@ def fixed_point(
             ``eqsolve.Implicit(method, tol, max_iter, options, on_failure)`` (default
             ``"auto"``; also ``"anderson"``, ``"neumann"``, ``"broyden"``, ``"gmres"`` or a solver
             object), the biased ``eqsolve.Phantom(steps, damping)`` / ``eqsolve.JFB()``
-            (``"phantom"``, ``"jfb"``; see the module docstring), or ``None`` (no
+            (``"phantom"``, ``"jfb"``; see the module docstring), ``eqsolve.SHINE()``
+            (``"shine"``: ``dz* = -H J_theta dtheta`` with the forward Broyden estimate
+            ``H``, ``solver="broyden"`` only; biased; first order), or ``None`` (no
             gradient: the solve's inputs are wrapped in ``lax.stop_gradient``).
         on_backward: ``None`` or a callable, called with the
             :class:`~eqsolve.core.adjoint.AdjointInfo` (per-sample ``iterations``,
@@ -204,6 +214,7 @@ def fixed_point(
         >>> h = jax.jit(jax.hessian(loss))(0.5)  # second order: the same rule, again
     """
     spec = backward_spec(backward, pop_legacy(solver_options))
+    check_shine_solver(spec, solver)
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
     check_keywords(solver, solver_options, "fixed_point", _JAX_KEYWORDS)
     record_at = check_states(states, max_iter)
@@ -236,13 +247,17 @@ def fixed_point(
     def forward(z_init: Any, p: Any) -> tuple[Any, ...]:
         # eagerly the solve itself reports failures (and coupling); under a transformation
         # it cannot, and the statuses are in the Solution
-        sol = solve(
-            lambda z: f_params(z, p), z_init, solver=solver, tol=tol, atol=atol,
-            max_iter=max_iter, batch_axis=batch_axis, on_failure=on_failure,
-            sync_stop=sync_stop, states=record_at, **solver_options,
+        kwargs = dict(
+            solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
+            on_failure=on_failure, sync_stop=sync_stop, states=record_at, **solver_options,
         )
+        factors = None
+        if isinstance(spec, SHINE):  # the Broyden factors are outputs: the rule reads them
+            sol, factors = solve_with_factors(lambda z: f_params(z, p), z_init, **kwargs)
+        else:
+            sol = solve(lambda z: f_params(z, p), z_init, **kwargs)
         return (sol.value, sol.residual, sol.status, sol.iterations, jnp.asarray(sol.nfev),
-                sol.states)
+                sol.states, factors)
 
     if spec is None:  # no gradient: nothing reaches the loop's inputs
         out = forward(jax.lax.stop_gradient(z0), jax.lax.stop_gradient(params))
@@ -263,7 +278,7 @@ def fixed_point(
         # solve at that point; phantom/JFB: unrolled steps from it)
         d_points = [
             point_tangent(spec, structure, f_params, z, p, d_p, forward_settings, run,
-                          on_backward)
+                          on_backward, factors=out[6])
             for z in (out[0], *(out[5] or ()))
         ]
         d_out = (
@@ -271,6 +286,7 @@ def fixed_point(
             # the residual is a diagnostic; status, iterations, nfev are integers (float0)
             *(_no_tangent(x) for x in out[1:5]),
             None if out[5] is None else type(out[5])(d_points[1:]),
+            None if out[6] is None else type(out[6])(*(_no_tangent(x) for x in out[6])),
         )
         return out, d_out
 
@@ -285,7 +301,7 @@ def _no_tangent(x: Any) -> Any:
 
 
 def _solution(out: tuple[Any, ...]) -> Solution:
-    value, residual, status, iterations, nfev, states = out
+    value, residual, status, iterations, nfev, states = out[:6]  # out[6]: SHINE's factors
     return Solution(
         states=states,
         value=value,

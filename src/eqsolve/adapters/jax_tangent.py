@@ -40,6 +40,10 @@ Phantom / JFB. The tangent of the unrolled map ``z_{i+1} = (1 - lam) z_i + lam f
 from ``z`` held constant, by ``jax.jvp`` in ``theta``; its transpose is the vector-Jacobian
 product that these biased modes have always used.
 
+SHINE (``eqsolve.SHINE``). No linear solve: ``dz = -H (J_theta dtheta)`` with the forward
+Broyden solve's inverse-Jacobian estimate ``H ~ (J_f - I)^{-1}`` (its factors are outputs of
+the primal solve, under ``stop_gradient``); the transpose, ``u = -H^T g``, is JAX's.
+
 Each implicit linear solve (the tangent solve in forward mode, the adjoint solve in reverse
 mode) reports from the running computation through ``jax.debug.callback`` (so under ``jit``
 too): a failure warning as the ``on_failure`` policy says, and ``on_backward(AdjointInfo)``.
@@ -59,8 +63,9 @@ import numpy as np
 from ..core.adjoint import AdjointInfo
 from ..core.solution import Status
 from ..core.structure import Structure
-from .backward import JFB, Backward, Implicit, Phantom, solve_implicit
+from .backward import JFB, SHINE, Backward, Implicit, Phantom, solve_implicit
 from .reporting import report_adjoint
+from .shine import ShineFactors, apply_H
 
 __all__ = ["check_on_backward", "point_tangent"]
 
@@ -89,13 +94,15 @@ def point_tangent(
     forward: dict[str, Any],
     run: Any,
     on_backward: OnBackward,
+    factors: ShineFactors | None = None,
 ) -> Any:
     """Tangent of ``point`` (user structure) for the tangent ``d_params`` of ``params``.
 
     ``point`` must come from the ``custom_jvp`` function itself (so that higher-order
     derivatives see its dependence on ``params``). ``forward`` holds the forward solve's tol,
     max_iter and on_failure (the defaults of an :class:`Implicit` spec); ``run`` drives the
-    linear solves' loops (``BACKEND.run`` with the call's ``sync_stop``).
+    linear solves' loops (``BACKEND.run`` with the call's ``sync_stop``). ``factors``: the
+    forward Broyden factors (:class:`SHINE` only).
     """
 
     def f_flat(zf: Any, p: Any) -> Any:
@@ -112,6 +119,11 @@ def point_tangent(
             return z
 
         dz = jax.jvp(unrolled, (params,), (d_params,))[1]
+    elif isinstance(spec, SHINE):
+        assert factors is not None
+        rhs = jax.jvp(lambda p: f_flat(zf, p), (params,), (d_params,))[1]
+        fixed = ShineFactors(*(jax.lax.stop_gradient(a) for a in factors))
+        dz = -apply_H(jnp, fixed, rhs.astype(fixed.U.dtype)).astype(rhs.dtype)
     else:
         assert isinstance(spec, Implicit)
         dz = _implicit_tangent(spec, f_flat, zf, params, d_params, forward, run, on_backward)

@@ -90,23 +90,27 @@ from .array import check_keywords, solve
 from .backward import (
     ADJOINT_METHODS,
     JFB,
+    SHINE,
     Backward,
     Implicit,
     Phantom,
     backward_spec,
+    check_shine_solver,
     pop_legacy,
     solve_implicit,
 )
 from .reporting import warn
+from .shine import solve_with_factors
 from .torch_dropout import dropout_watch, solve_scope
 from .torch_explicit import check_args, fixed_point_args
 from .torch_implicit import compile_boundary, transforms_active
 from .torch_precision import check_f_dtype, precision_f
+from .torch_shine import shine_carrier
 
 __all__ = ["ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "fixed_point"]
 
 #: every accepted ``backward=`` shorthand (``None`` too: no gradient)
-BACKWARD_METHODS: tuple[str, ...] = (*ADJOINT_METHODS, "phantom", "jfb")
+BACKWARD_METHODS: tuple[str, ...] = (*ADJOINT_METHODS, "phantom", "jfb", "shine")
 
 #: keywords of :func:`fixed_point` beyond those of :func:`eqsolve.solve`
 _TORCH_KEYWORDS = ("backward", "f_dtype", "on_backward")
@@ -269,7 +273,9 @@ def fixed_point(
             ``"auto"``; also ``"anderson"``, ``"broyden"``, ``"neumann"``, ``"gmres"`` or a solver
             object); ``eqsolve.Phantom(steps, damping)`` (``"phantom"``: biased, Geng et al.
             2021); ``eqsolve.JFB()`` (``"jfb"``: ``u = g``, biased, Fung et al. 2022);
-            ``None``: no gradient.
+            ``eqsolve.SHINE()`` (``"shine"``: ``u = -H^T g`` from the forward Broyden
+            estimate, closure ``f`` and ``solver="broyden"`` only, biased, Ramzi et al.
+            2022); ``None``: no gradient.
         on_failure: forward *and* (unless ``Implicit(on_failure=...)`` says otherwise)
             adjoint non-convergence / NaN: ``"warn"`` (:class:`eqsolve.ConvergenceWarning`),
             ``"raise"`` (:class:`eqsolve.ConvergenceError`; raised from ``loss.backward()``
@@ -324,6 +330,7 @@ def fixed_point(
         torch.Size([3, 3])
     """
     spec = backward_spec(backward, pop_legacy(solver_options))
+    check_shine_solver(spec, solver)
     check_sync_stop(sync_stop)
     f_dtype = check_f_dtype(f_dtype)
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
@@ -335,6 +342,11 @@ def fixed_point(
                 f"{where} must be a torch.Tensor for eqsolve.torch.fixed_point, got "
                 f"{type(leaf).__name__} (use eqsolve.fixed_point for other array libraries)"
             )
+    if args and isinstance(spec, SHINE):
+        raise NotImplementedError(
+            "backward=eqsolve.SHINE() is supported with a closure f only: pass "
+            "fixed_point(lambda z: f(z, *args), z0, backward=eqsolve.SHINE(), ...)"
+        )
     if args:
         return fixed_point_args(
             f, z0, check_args(args), spec=spec, solver=solver, tol=tol, atol=atol,
@@ -356,19 +368,28 @@ def fixed_point(
     wants_grad = spec is not None and torch.is_grad_enabled()
     f_solve, needs_grad = _probing(f) if wants_grad else (f, lambda: False)
     f_solve = dropout_watch(f_solve)
-    sol = solve(
-        f_solve, z0_detached, solver=solver, tol=tol, atol=atol, max_iter=max_iter,
-        batch_axis=batch_axis, backend="torch", on_failure=on_failure, sync_stop=sync_stop,
-        states=states, **solver_options,
+    kwargs = dict(
+        solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
+        backend="torch", on_failure=on_failure, sync_stop=sync_stop, states=states,
+        **solver_options,
     )
+    factors = None
+    if isinstance(spec, SHINE) and wants_grad:
+        sol, factors = solve_with_factors(f_solve, z0_detached, **kwargs)
+    else:
+        sol = solve(f_solve, z0_detached, **kwargs)
     if spec is None or not wants_grad or not needs_grad():
         return sol
+    if factors is not None:  # SHINE: -H^T g from the forward's Broyden estimate
+        return sol._replace(value=shine_carrier(f, sol.value, factors, batch_axis),
+                            nfev=sol.nfev + 1)
 
     forward = {"tol": float(tol), "max_iter": int(max_iter), "on_failure": on_failure}
 
     def attach(point: Any) -> Any:
         return _with_gradient(f, point, spec, batch_axis, forward, on_backward, sync_stop)
 
+    assert not isinstance(spec, SHINE)
     extra = 1 if isinstance(spec, Implicit) else spec.steps  # calls of f per point
     value = attach(sol.value)
     if sol.states is None:
@@ -486,6 +507,7 @@ class DEQ(nn.Module):
     ):
         super().__init__()
         spec = backward_spec(backward, pop_legacy(solver_options))
+        check_shine_solver(spec, solver)
         check_arguments(lambda z: z, tol, atol, max_iter, on_failure, batch_axis)  # f comes later
         check_keywords(solver, solver_options, "DEQ", _TORCH_KEYWORDS)
         check_sync_stop(sync_stop)
