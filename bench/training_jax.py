@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .peers._common import round_sig
+from .peers._common import round_sig, x64_off
 from .peers._jaxopt import make_solver as jaxopt_solver
 from .peers._jaxopt import settings as jaxopt_settings
 from .peers._optimistix import fixed_point_settings, implicit_adjoint
@@ -40,7 +40,7 @@ def forward_fevals(pr: TrainingProblem, tol: float, max_iter: int) -> int:
     import eqsolve
 
     cell, P, x, _, z0 = _arrays(pr)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), x64_off():
         warnings.simplefilter("ignore")
         sol = eqsolve.solve(lambda z: cell(z, P, x), z0, tol=tol, max_iter=max_iter)
     return int(sol.nfev)
@@ -64,7 +64,14 @@ def rows(pr: TrainingProblem, tol: float, max_iter: int, K: int) -> list[StepRow
 
     def jitted(loss: Any) -> Any:
         step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-        return lambda: step(P)
+
+        def run() -> Any:
+            # float32 rows trace and run with x64 off: the float64 references (the conv
+            # cell's, on JAX when torch is absent) may have switched it on for the process
+            with x64_off():
+                return step(P)
+
+        return run
 
     for method, backward, variant in EQSOLVE_ROWS:
 

@@ -109,6 +109,12 @@ def jax_precision_scope(case: Case) -> contextlib.AbstractContextManager[Any]:
     """
     if case.dtype != "float32":
         return contextlib.nullcontext()
+    return x64_off()
+
+
+def x64_off() -> contextlib.AbstractContextManager[Any]:
+    """A context in which JAX traces and runs with ``jax_enable_x64`` off (float32 users'
+    mode), whatever an earlier float64 computation in the process switched on."""
     import jax
 
     try:
