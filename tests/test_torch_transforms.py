@@ -94,7 +94,7 @@ def test_first_order_matches_the_dense_implicit_function_theorem() -> None:
     assert rel(got_x, ref_x) < 1e-10
 
 
-@pytest.mark.parametrize("method", ["anderson", "neumann", "gmres", "broyden"])
+@pytest.mark.parametrize("method", ["auto", "anderson", "neumann", "gmres", "broyden"])
 def test_implicit_methods_first_and_second_order(method: str) -> None:
     params = _leaves(_params(1))
     kw = {"backward": eqsolve.Implicit(method, tol=1e-12, max_iter=300)}
