@@ -14,7 +14,7 @@ How the graph is built:
    ``f`` uses (closed-over ``nn.Module`` parameters, inputs ``x``). The returned value is
    ``z* + (f(z*) - f(z*).detach())``: ``z*`` bit for bit -- the point whose residual and
    status the ``Solution`` reports -- with the gradient of ``f(z*)``.
-3. **Implicit backward.** ``f(z*)`` passes through :class:`_ImplicitAdjoint`, a custom
+3. **Implicit backward.** ``f(z*)`` passes through ``torch_implicit.AdjointCarrier``, a custom
    ``torch.autograd.Function`` that is the identity forward and, backward, maps the
    incoming cotangent ``g`` to the solution ``u`` of the adjoint system
    ``u = g + J_f(z*)^T u`` (``eqsolve.core.adjoint.adjoint_solve``; each ``J_f^T v`` is a
@@ -73,7 +73,6 @@ The backward is given by one specification shared with the other adapters
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -97,13 +96,19 @@ from .backward import (
     backward_spec,
     check_shine_solver,
     pop_legacy,
-    solve_implicit,
 )
-from .reporting import warn
 from .shine import solve_with_factors
 from .torch_dropout import dropout_watch, solve_scope
 from .torch_explicit import check_args, fixed_point_args
-from .torch_implicit import compile_boundary, transforms_active
+from .torch_implicit import (
+    AdjointCarrier,
+    carry_grad,
+    compile_boundary,
+    linear_solve,
+    transforms_active,
+    vjp_in_z,
+    warn_detached,
+)
 from .torch_precision import check_f_dtype, precision_f
 from .torch_shine import shine_carrier
 
@@ -117,7 +122,20 @@ _TORCH_KEYWORDS = ("backward", "f_dtype", "on_backward")
 
 
 class _AdjointLink:
-    """What the backward needs: the one differentiable ``f(z*)`` and its input leaf."""
+    """The implicit backward of the closure form (a
+    :class:`~eqsolve.adapters.torch_implicit.CotangentMap` for ``AdjointCarrier``): the one
+    differentiable ``f(z*)`` and its input leaf, and ``solve(g)``, the adjoint
+    ``u = g + J_f(z*)^T u``."""
+
+    higher_order_error = (
+        "higher-order gradients (create_graph=True) of eqsolve.torch.fixed_point(f, z0) "
+        "with a closure f are not supported: the tensors f captures are invisible to "
+        "the fixed point, so the dependence of z* and of the adjoint on them cannot be "
+        "differentiated. Pass them as positional args, fixed_point(f, z0, *args) with "
+        "f(z, *args) (DEQ: deq(f, z0, *args)): second and higher derivatives are then "
+        "exact. backward=eqsolve.Phantom(...) differentiates its own unrolled map and "
+        "is biased (its default settings are 20-30% off)."
+    )
 
     def __init__(
         self,
@@ -141,63 +159,15 @@ class _AdjointLink:
                 f"cotangent of shape {tuple(g.shape)} reached the fixed point's backward, "
                 f"expected {tuple(self.out_flat.shape)}"
             )
-        unused = False
-
-        def vjp(v: torch.Tensor) -> torch.Tensor:
-            nonlocal unused
-            (gz,) = torch.autograd.grad(
-                self.out_flat, self.z_leaf, v, retain_graph=True, allow_unused=True
-            )
-            if gz is None:
-                unused = True
-                return torch.zeros_like(v)
-            grad: torch.Tensor = gz
-            return grad
-
-        # with sync_stop every rank runs the same number of adjoint iterations: the VJP of an
-        # f that contains a collective is itself collective
-        driver = functools.partial(BACKEND.run, sync_stop=self.sync_stop)
-        u, info, _, _ = solve_implicit(
-            BACKEND.xp, self.spec, vjp, g.contiguous(),
-            forward_tol=self.forward["tol"], forward_max_iter=self.forward["max_iter"],
-            forward_on_failure=self.forward["on_failure"], driver=driver,
+        vjp, used_z = vjp_in_z(self.out_flat, self.z_leaf)
+        u = linear_solve(
+            self.spec, vjp, g, tol=self.forward["tol"], max_iter=self.forward["max_iter"],
+            on_failure=self.forward["on_failure"], sync_stop=self.sync_stop,
+            on_backward=self.on_backward,
         )
-        if unused:
-            warn(
-                "f(z*) does not depend on z through autograd (torch.autograd.grad found no "
-                "path from z to f(z)), so the backward used J_f = 0. If f detaches z "
-                "(.detach(), .data, NumPy), the implicit gradient is wrong.",
-                RuntimeWarning,
-            )
-        if self.on_backward is not None:
-            self.on_backward(info)
-        grad_z: torch.Tensor = u
-        return grad_z
-
-
-class _ImplicitAdjoint(torch.autograd.Function):
-    """Identity on ``f(z*)`` (flattened); backward solves ``u = g + J_f(z*)^T u``."""
-
-    @staticmethod
-    def forward(ctx: Any, out_flat: torch.Tensor, link: _AdjointLink) -> torch.Tensor:
-        ctx.link = link
-        return out_flat.clone()
-
-    @staticmethod
-    @compile_boundary  # run by the autograd engine inside a compiled step: eagerly
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if torch.is_grad_enabled():  # create_graph=True: u's dependence on theta is not recorded
-            raise RuntimeError(
-                "higher-order gradients (create_graph=True) of eqsolve.torch.fixed_point(f, z0) "
-                "with a closure f are not supported: the tensors f captures are invisible to "
-                "the fixed point, so the dependence of z* and of the adjoint on them cannot be "
-                "differentiated. Pass them as positional args, fixed_point(f, z0, *args) with "
-                "f(z, *args) (DEQ: deq(f, z0, *args)): second and higher derivatives are then "
-                "exact. backward=eqsolve.Phantom(...) differentiates its own unrolled map and "
-                "is biased (its default settings are 20-30% off)."
-            )
-        return ctx.link.solve(g), None
-
+        if not used_z():
+            warn_detached("f(z*)")
+        return u
 
 def _probing(f: Callable[[Any], Any]) -> tuple[Callable[[Any], Any], Callable[[], bool]]:
     """``f`` whose first call (``f(z0)``) runs with grad mode on and records whether its
@@ -412,7 +382,7 @@ def _with_gradient(
 ) -> Any:
     """``z_star`` exactly, carrying the gradient ``spec`` gives it as a fixed point of ``f``.
 
-    Implicit: one differentiable ``f(z_star)`` through :class:`_ImplicitAdjoint` (whose
+    Implicit: one differentiable ``f(z_star)`` through ``AdjointCarrier`` (whose
     backward solves ``u = g + J_f(z_star)^T u``); phantom/JFB: ``k`` damped steps from the
     detached ``z_star``. ``forward`` holds the forward solve's tol, max_iter and on_failure.
     """
@@ -422,7 +392,7 @@ def _with_gradient(
         for _ in range(spec.steps):
             fz = f(z)
             z = fz if lam == 1.0 else tree_map(lambda a, b: (1.0 - lam) * a + lam * b, z, fz)
-        return tree_map(_carry_grad, z_star, z)
+        return tree_map(carry_grad, z_star, z)
 
     assert isinstance(spec, Implicit)
     xp = BACKEND.xp
@@ -439,20 +409,9 @@ def _with_gradient(
         )
     link = _AdjointLink(out_flat, z_leaf, spec, forward, on_backward, sync_stop)
     carrier = structure.unflatten(
-        xp, _ImplicitAdjoint.apply(out_flat, link)  # type: ignore[no-untyped-call]
+        xp, AdjointCarrier.apply(out_flat, link)  # type: ignore[no-untyped-call]
     )
-    return tree_map(_carry_grad, z_star, carrier)
-
-
-def _carry_grad(value: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
-    """``value`` exactly (the solver's ``z*``), with the gradient of ``carrier``.
-
-    ``carrier`` is ``f(z*)`` (or the phantom iterate): the tensor whose graph gives the
-    chosen backward. ``carrier - carrier.detach()`` is exactly zero in floating point, so
-    the returned tensor is ``z*`` bit for bit -- the point whose residual ``Solution``
-    reports -- while its gradient is that of ``carrier``.
-    """
-    return value + (carrier - carrier.detach())
+    return tree_map(carry_grad, z_star, carrier)
 
 
 class DEQ(nn.Module):

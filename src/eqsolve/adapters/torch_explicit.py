@@ -44,7 +44,14 @@ from ..core.structure import BatchAxis, Structure, leaves_of, structure_of, tree
 from .array import solve
 from .backward import JFB, Backward, Implicit, Phantom
 from .torch_dropout import dropout_watch, same_scope
-from .torch_implicit import CLOSURE_ERROR, Problem, Settings, apply_node, transforms_active
+from .torch_implicit import (
+    CLOSURE_ERROR,
+    Problem,
+    Settings,
+    apply_node,
+    carry_grad,
+    transforms_active,
+)
 from .torch_precision import precision_f
 
 __all__ = ["check_args", "fixed_point_args"]
@@ -205,7 +212,7 @@ def fixed_point_args(
         for _ in range(spec.steps):
             fz = f_prec((z, args))
             z = fz if lam == 1.0 else tree_map(lambda a, b: (1.0 - lam) * a + lam * b, z, fz)
-        return tree_map(lambda v, c: v + (c - c.detach()), z_star, z)
+        return tree_map(carry_grad, z_star, z)
 
     return sol._replace(
         value=unrolled(z_flat),

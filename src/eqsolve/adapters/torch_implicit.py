@@ -44,7 +44,7 @@ import functools
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 
@@ -55,7 +55,9 @@ from .backward import Implicit, solve_implicit
 from .reporting import warn
 
 __all__ = [
-    "CLOSURE_ERROR", "Problem", "Settings", "apply_node", "compile_boundary", "transforms_active",
+    "CLOSURE_ERROR", "AdjointCarrier", "CotangentMap", "Problem", "Settings", "apply_node",
+    "carry_grad", "compile_boundary",
+    "linear_solve", "transforms_active", "vjp_in_z", "warn_detached",
 ]
 
 #: the message when tensors that ``f`` captures would get no gradient
@@ -147,23 +149,86 @@ def _differentiable(p: torch.Tensor) -> bool:
     return p.is_floating_point() or p.is_complex()
 
 
+def linear_solve(
+    spec: Implicit,
+    op: Callable[[torch.Tensor], torch.Tensor],
+    c: torch.Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    on_failure: str,
+    sync_stop: Any,
+    on_backward: Callable[[AdjointInfo], None] | None,
+) -> torch.Tensor:
+    """``u = c + op(u)`` per sample with ``spec``, the forward's tol, max_iter and on_failure
+    as its defaults; ``on_backward`` gets the solve's :class:`AdjointInfo`.
+
+    With ``sync_stop`` every rank runs the same number of iterations: the VJP of an ``f``
+    that contains a collective is itself collective. Every torch implicit backward (closure
+    form and explicit ``args``) solves here.
+    """
+    driver = functools.partial(BACKEND.run, sync_stop=sync_stop)
+    u, info, _, _ = solve_implicit(
+        BACKEND.xp, spec, op, c.detach().contiguous(), forward_tol=tol,
+        forward_max_iter=max_iter, forward_on_failure=on_failure, driver=driver,
+    )
+    if on_backward is not None:
+        on_backward(info)
+    out: torch.Tensor = u
+    return out
+
+
 def _linear_solve(
     settings: Settings, op: Callable[[torch.Tensor], torch.Tensor], c: torch.Tensor,
     report: bool,
 ) -> torch.Tensor:
-    """``u = c + op(u)`` per sample with the call's :class:`Implicit` specification."""
-    spec = settings.spec
-    assert spec is not None
-    driver = functools.partial(BACKEND.run, sync_stop=settings.sync_stop)
-    u, info, _, _ = solve_implicit(
-        BACKEND.xp, spec, op, c.detach().contiguous(), forward_tol=settings.tol,
-        forward_max_iter=settings.max_iter, forward_on_failure=settings.on_failure,
-        driver=driver,
+    """:func:`linear_solve` with the call's settings (``report``: call ``on_backward``)."""
+    assert settings.spec is not None
+    return linear_solve(
+        settings.spec, op, c, tol=settings.tol, max_iter=settings.max_iter,
+        on_failure=settings.on_failure, sync_stop=settings.sync_stop,
+        on_backward=settings.on_backward if report else None,
     )
-    if report and settings.on_backward is not None:
-        settings.on_backward(info)
-    out: torch.Tensor = u
-    return out
+
+
+def vjp_in_z(
+    out: torch.Tensor, z_leaf: torch.Tensor
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], bool]]:
+    """``v -> J^T v`` for ``out = f(z_leaf)`` by ``torch.autograd.grad`` on the retained graph
+    (zero where autograd finds no path from ``z_leaf`` to ``out``), and a flag: whether it
+    ever found one (:func:`warn_detached` when not)."""
+    seen = [False]
+
+    def vjp(v: torch.Tensor) -> torch.Tensor:
+        (gz,) = torch.autograd.grad(out, z_leaf, v, retain_graph=True, allow_unused=True)
+        if gz is None:
+            return torch.zeros_like(v)
+        seen[0] = True
+        result: torch.Tensor = gz
+        return result
+
+    return vjp, lambda: seen[0]
+
+
+def warn_detached(call: str) -> None:
+    """The warning for an ``f`` whose output has no autograd path from ``z``."""
+    warn(
+        f"{call} does not depend on z through autograd (torch.autograd.grad found no path "
+        "from z to f(z)), so the backward used J_f = 0. If f detaches z (.detach(), .data, "
+        "NumPy), the implicit gradient is wrong.",
+        RuntimeWarning,
+    )
+
+
+def carry_grad(value: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
+    """``value`` exactly (the solver's ``z*``), with the gradient of ``carrier``.
+
+    ``carrier`` is ``f(z*)`` (or the phantom iterate): the tensor whose graph gives the
+    chosen backward. ``carrier - carrier.detach()`` is exactly zero in floating point, so
+    the returned tensor is ``z*`` bit for bit -- the point whose residual ``Solution``
+    reports -- while its gradient is that of ``carrier``.
+    """
+    return value + (carrier - carrier.detach())
 
 
 def _solve(problem: Problem, z0: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -197,11 +262,7 @@ def _solve(problem: Problem, z0: torch.Tensor, params: Sequence[torch.Tensor]) -
             out = base(z_leaf, *rest)
         if not out.requires_grad:
             return c.clone()  # J = 0
-
-        def op(v: torch.Tensor) -> torch.Tensor:
-            (gz,) = torch.autograd.grad(out, z_leaf, v, retain_graph=True, allow_unused=True)
-            return torch.zeros_like(v) if gz is None else gz
-
+        op, _ = vjp_in_z(out, z_leaf)
         return _linear_solve(settings, op, c, report=True)
 
     def op_t(v: torch.Tensor) -> torch.Tensor:
@@ -252,26 +313,12 @@ def _backward_in_scope(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
             for i, p in enumerate(params)
         ]
         out = problem.fn(z_leaf, *leaves)
-    seen_z = [False]
-
-    def op(v: torch.Tensor) -> torch.Tensor:
-        (gz,) = torch.autograd.grad(out, z_leaf, v, retain_graph=True, allow_unused=True)
-        if gz is None:
-            return torch.zeros_like(v)
-        seen_z[0] = True
-        result: torch.Tensor = gz
-        return result
-
     if not out.requires_grad:  # f uses neither z nor the params: every gradient is zero
         return nothing
+    op, used_z = vjp_in_z(out, z_leaf)
     u = _linear_solve(problem.settings, op, g, report=problem.kind == "primal")
-    if problem.kind == "primal" and not seen_z[0]:
-        warn(
-            "f(z*, *args) does not depend on z through autograd (torch.autograd.grad found no "
-            "path from z to f(z)), so the backward used J_f = 0. If f detaches z (.detach(), "
-            ".data, NumPy), the implicit gradient is wrong.",
-            RuntimeWarning,
-        )
+    if problem.kind == "primal" and not used_z():
+        warn_detached("f(z*, *args)")
     found = torch.autograd.grad(out, [leaves[i] for i in wanted], u, allow_unused=True)
     for i, gi in zip(wanted, found, strict=True):
         grads[i] = gi
@@ -372,6 +419,16 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> N
     ctx.save_for_forward(output, *params)
 
 
+class CotangentMap(Protocol):
+    """What :class:`AdjointCarrier` calls in backward: the closure form's adjoint ``u`` of a
+    cotangent ``g`` (the implicit solve, or SHINE's ``-H^T g``), and the error to raise under
+    ``create_graph=True`` (the closure form has no second derivative)."""
+
+    higher_order_error: str
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor: ...
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: ``fn -> torch.compiler.disable(fn)``, made on first use (importing dynamo costs ~1 s)
@@ -410,3 +467,22 @@ def apply_node(problem: Problem, z0: torch.Tensor, params: Sequence[torch.Tensor
     """``z* = problem.fn(z*, *params)`` as a differentiable torch operation on ``params``."""
     out: torch.Tensor = _Node.apply(problem, z0, *params)  # type: ignore[no-untyped-call]
     return out
+
+
+class AdjointCarrier(torch.autograd.Function):
+    """Identity on the closure form's ``f(z*)`` (flattened); backward maps the cotangent
+    ``g`` to ``link.solve(g)`` (a :class:`CotangentMap`), and autograd continues through
+    ``f``'s graph with it: ``u^T df/dtheta``."""
+
+    @staticmethod
+    def forward(ctx: Any, out_flat: torch.Tensor, link: CotangentMap) -> torch.Tensor:
+        ctx.link = link
+        return out_flat.clone()
+
+    @staticmethod
+    @compile_boundary  # run by the autograd engine inside a compiled step: eagerly
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if torch.is_grad_enabled():  # create_graph=True: u's dependence on theta is lost
+            raise RuntimeError(ctx.link.higher_order_error)
+        return ctx.link.solve(g), None
+

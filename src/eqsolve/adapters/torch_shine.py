@@ -2,8 +2,9 @@
 
 Like the implicit backward (:mod:`eqsolve.adapters.torch`), one differentiable call
 ``f(z*)`` on a fresh leaf carries ``f``'s graph, and the returned value is ``z*`` bit for
-bit. The node :class:`_ShineAdjoint` is the identity forward; backward it maps the cotangent
-``g`` to ``u = -H^T g`` with the forward Broyden solve's factors
+bit. The node (``torch_implicit.AdjointCarrier``, with :class:`_ShineLink`) is the identity
+forward; backward it maps the cotangent ``g`` to ``u = -H^T g`` with the forward Broyden
+solve's factors
 (:class:`~eqsolve.adapters.shine.ShineFactors`) instead of solving ``u = g + J_f^T u``;
 autograd then continues through ``f``'s graph with ``u``: ``u^T df/dtheta``. No VJP in ``z``
 is taken (``f(z*)`` is called on a leaf that does not require grad).
@@ -19,40 +20,35 @@ import torch
 from ..backends.torch import BACKEND
 from ..core.structure import BatchAxis, Structure, structure_of, tree_map
 from .shine import ShineFactors, apply_HT
-from .torch_implicit import compile_boundary
+from .torch_implicit import AdjointCarrier, carry_grad
 
 __all__ = ["shine_carrier"]
 
 
-class _ShineAdjoint(torch.autograd.Function):
-    """Identity on ``f(z*)`` (flattened); backward maps ``g`` to ``-H^T g``."""
+class _ShineLink:
+    """SHINE's cotangent map for ``AdjointCarrier``: ``g -> -H^T g``."""
 
-    @staticmethod
-    def forward(ctx: Any, out_flat: torch.Tensor, factors: ShineFactors) -> torch.Tensor:
-        ctx.factors = factors
-        return out_flat.clone()
+    higher_order_error = (
+        "higher-order gradients (create_graph=True) are not supported with "
+        "backward=eqsolve.SHINE(): its adjoint -H^T g uses the forward solve's "
+        "inverse-Jacobian estimate, which has no derivative. Use "
+        "backward=eqsolve.Implicit() with fixed_point(f, z0, *args) for exact "
+        "higher derivatives."
+    )
 
-    @staticmethod
-    @compile_boundary
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "higher-order gradients (create_graph=True) are not supported with "
-                "backward=eqsolve.SHINE(): its adjoint -H^T g uses the forward solve's "
-                "inverse-Jacobian estimate, which has no derivative. Use "
-                "backward=eqsolve.Implicit() with fixed_point(f, z0, *args) for exact "
-                "higher derivatives."
-            )
-        factors: ShineFactors = ctx.factors
+    def __init__(self, factors: ShineFactors):
+        self.factors = factors
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor:
+        factors = self.factors
         if tuple(g.shape) != tuple(factors.U.shape[::2]):
             raise RuntimeError(
                 f"cotangent of shape {tuple(g.shape)} reached the fixed point's SHINE "
                 f"backward, expected {(factors.U.shape[0], factors.U.shape[2])}"
             )
-        U, V, mask = factors
-        gw = g.to(U.dtype)  # float16/bfloat16 states: the factors are float32
-        u = -apply_HT(BACKEND.xp, ShineFactors(U, V, mask), gw.contiguous())
-        return u.to(g.dtype), None
+        gw = g.to(factors.U.dtype)  # float16/bfloat16 states: the factors are float32
+        u: torch.Tensor = -apply_HT(BACKEND.xp, factors, gw.contiguous())
+        return u.to(g.dtype)
 
 
 def shine_carrier(
@@ -66,6 +62,6 @@ def shine_carrier(
     if not out_flat.requires_grad:  # f uses nothing that needs a gradient: z* is constant
         return z_star
     carrier = structure.unflatten(
-        xp, _ShineAdjoint.apply(out_flat, factors)  # type: ignore[no-untyped-call]
+        xp, AdjointCarrier.apply(out_flat, _ShineLink(factors))  # type: ignore[no-untyped-call]
     )
-    return tree_map(lambda v, c: v + (c - c.detach()), z_star, carrier)
+    return tree_map(carry_grad, z_star, carrier)
