@@ -14,7 +14,7 @@ from typing import Any
 import array_api_compat as aac
 
 from .adapters.array import check_keywords, solve
-from .adapters.backward import Backward, backward_spec, check_shine_solver, pop_legacy
+from .adapters.backward import Backward, backward_spec, pop_legacy
 from .backends import get_backend
 from .core.solution import Solution
 from .core.solver_base import FixedPointSolver
@@ -76,7 +76,7 @@ def fixed_point(
             on_failure=on_failure, backward=backward, states=states,
             sync_stop=False if sync_stop is None else sync_stop, **solver_options,
         )
-    check_shine_solver(backward_spec(backward, pop_legacy(solver_options)), solver)  # no autodiff
+    backward_spec(backward, pop_legacy(solver_options), solver=solver)  # validated: no autodiff
     torch_only = [k for k in _TORCH_ONLY if k in solver_options]
     if torch_only:
         raise TypeError(

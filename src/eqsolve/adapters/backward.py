@@ -59,7 +59,6 @@ __all__ = [
     "Implicit",
     "Phantom",
     "backward_spec",
-    "check_shine_solver",
     "pop_legacy",
     "solve_implicit",
 ]
@@ -286,6 +285,7 @@ def backward_spec(
     *,
     allow: tuple[type, ...] = (Implicit, Phantom, JFB, SHINE),
     where: str = "",
+    solver: Any = None,
 ) -> Backward | None:
     """The validated backward specification of a call.
 
@@ -298,6 +298,8 @@ def backward_spec(
         allow: the kinds the calling adapter supports (CuPy: ``Implicit`` only, since it
             has no autodiff of ``f`` with respect to its parameters).
         where: the adapter's name, for error messages (e.g. ``"eqsolve.cupy"``).
+        solver: the call's forward solver (name or object), where the adapter knows it:
+            :class:`SHINE` needs it to be Broyden.
 
     Raises:
         TypeError / ValueError: naming the argument.
@@ -339,10 +341,12 @@ def backward_spec(
                 "solve is done here)" if where == "eqsolve.cupy" else ""
             )
         )
+    if solver is not None:
+        _check_shine_solver(spec, solver)
     return spec
 
 
-def check_shine_solver(spec: Backward | None, solver: Any) -> None:
+def _check_shine_solver(spec: Backward | None, solver: Any) -> None:
     """:class:`SHINE` needs the forward solver to be Broyden (``ValueError`` otherwise)."""
     if isinstance(spec, SHINE) and not (
         isinstance(solver, Broyden) or (isinstance(solver, str) and solver.lower() == "broyden")

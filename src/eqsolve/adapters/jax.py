@@ -85,17 +85,15 @@ from ..core.solution import Solution, Status
 from ..core.solver_base import FixedPointSolver
 from ..core.structure import BatchAxis, structure_of
 from ..core.validation import check_arguments, check_state_arrays, check_states
-from .array import check_keywords, solve
+from .array import check_keywords
 from .backward import (
     ADJOINT_METHODS,
-    SHINE,
     Backward,
     backward_spec,
-    check_shine_solver,
     pop_legacy,
 )
 from .jax_tangent import check_on_backward, point_tangent
-from .shine import solve_with_factors
+from .shine import solve_for
 
 #: every accepted ``backward=`` shorthand
 BACKWARD_METHODS: tuple[str, ...] = (*ADJOINT_METHODS, "phantom", "jfb", "shine")
@@ -213,8 +211,7 @@ def fixed_point(
         >>> g = jax.jit(jax.grad(loss))(0.5)
         >>> h = jax.jit(jax.hessian(loss))(0.5)  # second order: the same rule, again
     """
-    spec = backward_spec(backward, pop_legacy(solver_options))
-    check_shine_solver(spec, solver)
+    spec = backward_spec(backward, pop_legacy(solver_options), solver=solver)
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
     check_keywords(solver, solver_options, "fixed_point", _JAX_KEYWORDS)
     record_at = check_states(states, max_iter)
@@ -251,11 +248,8 @@ def fixed_point(
             solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
             on_failure=on_failure, sync_stop=sync_stop, states=record_at, **solver_options,
         )
-        factors = None
-        if isinstance(spec, SHINE):  # the Broyden factors are outputs: the rule reads them
-            sol, factors = solve_with_factors(lambda z: f_params(z, p), z_init, **kwargs)
-        else:
-            sol = solve(lambda z: f_params(z, p), z_init, **kwargs)
+        # with SHINE the Broyden factors are outputs too: the tangent rule reads them
+        sol, factors = solve_for(spec, lambda z: f_params(z, p), z_init, **kwargs)
         return (sol.value, sol.residual, sol.status, sol.iterations, jnp.asarray(sol.nfev),
                 sol.states, factors)
 

@@ -28,9 +28,12 @@ from ..core._xp import device_of
 from ..core.broyden import Broyden
 from ..core.solution import Solution
 from ..core.solver_base import FixedPointSolver, make_solver
-from .array import solve_state
+from .array import solve, solve_state
+from .backward import SHINE
 
-__all__ = ["ShineFactors", "Tracked", "apply_H", "apply_HT", "solve_with_factors"]
+__all__ = [
+    "ShineFactors", "Tracked", "apply_H", "apply_HT", "solve_for", "solve_with_factors",
+]
 
 
 class ShineFactors(NamedTuple):
@@ -99,11 +102,21 @@ def solve_with_factors(
         )
     options = {k: kwargs.pop(k) for k in list(kwargs) if k not in _SOLVE_KEYWORDS}
     inner = make_solver(solver, options)
-    if not isinstance(inner, Broyden):  # check_shine_solver ran before: a safety net
+    if not isinstance(inner, Broyden):  # backward_spec checked it: a safety net
         raise ValueError(f"SHINE needs a Broyden forward solver, got {type(inner).__name__}")
     sol, state = solve_state(f, z0, solver=Tracked(inner), **kwargs)
     tracked = state.solver
     return sol, ShineFactors(tracked.inner.U, tracked.inner.V, tracked.mask)
+
+
+def solve_for(
+    spec: Any, f: Callable[[Any], Any], z0: Any, **kwargs: Any
+) -> tuple[Solution, ShineFactors | None]:
+    """The adapters' forward solve: :func:`eqsolve.solve`, with the Broyden factors too when
+    ``spec`` is :class:`~eqsolve.adapters.backward.SHINE` (``None`` otherwise)."""
+    if isinstance(spec, SHINE):
+        return solve_with_factors(f, z0, **kwargs)
+    return solve(f, z0, **kwargs), None
 
 
 _SOLVE_KEYWORDS = (

@@ -85,7 +85,7 @@ from ..core.solution import Solution
 from ..core.solver_base import FixedPointSolver, make_solver
 from ..core.structure import BatchAxis, Structure, leaves_of, structure_of, tree_map
 from ..core.validation import check_arguments, check_states
-from .array import check_keywords, solve
+from .array import check_keywords
 from .backward import (
     ADJOINT_METHODS,
     JFB,
@@ -94,10 +94,9 @@ from .backward import (
     Implicit,
     Phantom,
     backward_spec,
-    check_shine_solver,
     pop_legacy,
 )
-from .shine import solve_with_factors
+from .shine import solve_for
 from .torch_dropout import dropout_watch, solve_scope
 from .torch_explicit import check_args, fixed_point_args
 from .torch_implicit import (
@@ -299,8 +298,7 @@ def fixed_point(
         >>> sol.value.sum().backward(); W.grad.shape
         torch.Size([3, 3])
     """
-    spec = backward_spec(backward, pop_legacy(solver_options))
-    check_shine_solver(spec, solver)
+    spec = backward_spec(backward, pop_legacy(solver_options), solver=solver)
     check_sync_stop(sync_stop)
     f_dtype = check_f_dtype(f_dtype)
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
@@ -343,11 +341,7 @@ def fixed_point(
         backend="torch", on_failure=on_failure, sync_stop=sync_stop, states=states,
         **solver_options,
     )
-    factors = None
-    if isinstance(spec, SHINE) and wants_grad:
-        sol, factors = solve_with_factors(f_solve, z0_detached, **kwargs)
-    else:
-        sol = solve(f_solve, z0_detached, **kwargs)
+    sol, factors = solve_for(spec if wants_grad else None, f_solve, z0_detached, **kwargs)
     if spec is None or not wants_grad or not needs_grad():
         return sol
     if factors is not None:  # SHINE: -H^T g from the forward's Broyden estimate
@@ -465,8 +459,7 @@ class DEQ(nn.Module):
         **solver_options: Any,
     ):
         super().__init__()
-        spec = backward_spec(backward, pop_legacy(solver_options))
-        check_shine_solver(spec, solver)
+        spec = backward_spec(backward, pop_legacy(solver_options), solver=solver)
         check_arguments(lambda z: z, tol, atol, max_iter, on_failure, batch_axis)  # f comes later
         check_keywords(solver, solver_options, "DEQ", _TORCH_KEYWORDS)
         check_sync_stop(sync_stop)
