@@ -39,6 +39,29 @@ def _rel(a: Any, b: Any) -> float:
     return float(np.linalg.norm(a - b) / (den if den > 0 else 1.0))
 
 
+def _compare(
+    cases: dict[str, Callable[[Callable[..., Any]], Any]],
+    eq: Callable[..., Any],
+    ref: Callable[..., Any],
+    to_numpy: Callable[[Any], Any],
+) -> dict[str, float | str]:
+    """Each case's transformation of eqsolve's solve against that of the unrolled one: the
+    relative error, or the error the framework raised."""
+    rows: dict[str, float | str] = {}
+    for name, run in cases.items():
+        try:
+            rows[name] = _rel(to_numpy(run(eq)), to_numpy(run(ref)))
+        except Exception as exc:  # noqa: BLE001 - an unsupported transformation is a row
+            rows[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
+    return rows
+
+
+def _sample_blocks(jac: np.ndarray) -> np.ndarray:
+    """The per-sample blocks ``dz_b/dx_b`` ``(B, D, D)`` of a whole-batch ``(B, D, B, D)``
+    Jacobian."""
+    return np.stack([jac[b, :, b, :] for b in range(B)])
+
+
 def dense_ift_dx(W: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``dz*_b/dx_b`` per sample, ``(B, D, D)``: ``(I - J)^{-1} diag(1 - z*^2)``."""
     z = np.zeros_like(x)
@@ -124,15 +147,9 @@ def torch_rows() -> dict[str, float | str]:
         "torch.func.vmap(grad)": lambda s: TF.vmap(
             TF.grad(lambda Wi, xi: per_sample(s)(Wi, xi).sum()), (None, 0))(W, x),
     }
-    rows: dict[str, float | str] = {}
-    for name, run in cases.items():
-        try:
-            rows[name] = _rel(run(eq).detach(), run(ref).detach())
-        except Exception as exc:  # noqa: BLE001 - an unsupported transformation is a row
-            rows[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
-    jac = TF.jacrev(lambda x: eq(W, x))(x).detach().numpy()  # (B, D, B, D)
-    blocks = np.stack([jac[b, :, b, :] for b in range(B)])
-    rows["jacrev vs dense IFT"] = _rel(blocks, dense_ift_dx(Wn, xn))
+    rows = _compare(cases, eq, ref, lambda t: t.detach().numpy())
+    jac = TF.jacrev(lambda x: eq(W, x))(x).detach().numpy()
+    rows["jacrev vs dense IFT"] = _rel(_sample_blocks(jac), dense_ift_dx(Wn, xn))
     return rows
 
 
@@ -189,15 +206,9 @@ def jax_rows() -> dict[str, float | str]:
         "jax.jit(jax.hessian)": lambda s: jax.jit(
             jax.hessian(lambda x: jnp.sum(s(W, x) * c)))(x),
     }
-    rows: dict[str, float | str] = {}
-    for name, run in cases.items():
-        try:
-            rows[name] = _rel(run(eq), run(ref))
-        except Exception as exc:  # noqa: BLE001 - an unsupported transformation is a row
-            rows[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
+    rows = _compare(cases, eq, ref, np.asarray)
     jac = np.asarray(jax.jacfwd(lambda x: eq(W, x))(x))
-    blocks = np.stack([jac[b, :, b, :] for b in range(B)])
-    rows["jacfwd vs dense IFT"] = _rel(blocks, dense_ift_dx(Wn, xn))
+    rows["jacfwd vs dense IFT"] = _rel(_sample_blocks(jac), dense_ift_dx(Wn, xn))
     return rows
 
 
