@@ -19,7 +19,7 @@ from typing import Any
 from .runner import DEFAULT_SOLVER  # drawn on top in the residual plots, outlined in ratios
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,7 +34,7 @@ def _is_default(row: dict[str, Any]) -> bool:
 
 def residual_plots(rows: list[dict[str, Any]], out: Path, tol: float) -> list[Path]:
     """One PNG per problem (see the module docstring); returns the files written."""
-    plt = _pyplot()
+    plt = pyplot()
     # 18 distinct, dark enough colours (tab10 then Dark2); the default solver is black
     colors = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
     written = []
@@ -95,7 +95,7 @@ def ratio_plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
     mine = [r for r in rows if r["library"] == "eqsolve" and r.get("vs_best_peer")]
     if not mine:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     groups = list(dict.fromkeys((r["problem"], r["backend"]) for r in mine))

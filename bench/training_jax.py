@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .peers._common import round_sig, x64_off
+from .peers._common import floor_of, round_sig, row_norms, x64_off
 from .peers._jaxopt import make_solver as jaxopt_solver
 from .peers._jaxopt import settings as jaxopt_settings
 from .peers._optimistix import fixed_point_settings, implicit_adjoint
@@ -84,9 +84,8 @@ def rows(pr: TrainingProblem, tol: float, max_iter: int, K: int) -> list[StepRow
                            {"solver": method, "tol": tol, "max_iter": max_iter,
                             "backward": backward}))
 
-    f0 = np.asarray(pr.base.f64(np.zeros(pr.c.shape)), dtype=np.float64)
-    norms = np.linalg.norm(f0.reshape(f0.shape[0], -1), axis=1)
-    scale = float(norms.min()) if norms.size and float(norms.min()) > 0 else 1.0
+    # the peers' absolute tolerances from min_b ||f(z0)_b||, as in the forward benchmark
+    scale = floor_of(row_norms(pr.base.f64(np.zeros(pr.c.shape))))
     for variant in ("defaults", "tuned"):
         kw = jaxopt_settings("AndersonAcceleration", variant, tol=tol,
                              tol_abs=round_sig(tol * scale), max_iter=max_iter)

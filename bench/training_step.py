@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .cli import fresh_out_dir, pin_threads, split_csv
+from .plots import pyplot
 from .timing import time_call
 from .training_problems import TRAINING_PROBLEMS, TrainingProblem, make_training_problem
 from .training_types import StepRow
@@ -152,11 +153,7 @@ def format_rows(results: list[dict[str, Any]]) -> str:
 
 def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
     """Bars of each row's time over the floor, one panel per (problem, tol)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = list(dict.fromkeys((r["problem"], r["tol"]) for r in results))
     if not keys:
         return None

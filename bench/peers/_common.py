@@ -63,15 +63,24 @@ def sample_scales(case: Case) -> np.ndarray:
     fz = case.f(case.z0)
     if case.framework == "torch":
         fz = fz.detach()
-    a = np.asarray(case.to_numpy(case.sync(fz)), dtype=np.float64)
+    return row_norms(case.to_numpy(case.sync(fz)))
+
+
+def row_norms(a: Any) -> np.ndarray:
+    """Per-sample 2-norms of a ``(B, ...)`` array, in float64."""
+    a = np.asarray(a, dtype=np.float64)
     a = a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1)
     return np.asarray(np.linalg.norm(a, axis=1))
 
 
 def scale_floor(case: Case) -> float:
     """``min_b ||f(z0)_b||`` (1.0 if that is 0 or not finite): the scale absolute rules use."""
-    s = sample_scales(case)
-    m = float(s.min()) if s.size else 1.0
+    return floor_of(sample_scales(case))
+
+
+def floor_of(scales: np.ndarray) -> float:
+    """``min(scales)``, or 1.0 if that is 0 or not finite (or there are none)."""
+    m = float(scales.min()) if scales.size else 1.0
     return m if math.isfinite(m) and m > 0 else 1.0
 
 
