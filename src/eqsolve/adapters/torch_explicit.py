@@ -72,23 +72,32 @@ def check_args(args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
 def _flat_map(
     structure: Structure, f_prec: Callable[[Any], Any]
 ) -> Callable[..., torch.Tensor]:
-    """``f`` on the ``(B, n)`` view: unflatten, ``f(z, *args)`` (precision policy), flatten."""
+    """``f`` on the ``(B, n)`` view: unflatten, ``f(z, *args)`` (precision policy), flatten.
+
+    The first call checks that ``f`` returns a state like ``z0`` (flattening a wrong one
+    would fail with an unclear message); later calls, the solver's iterations among them,
+    skip the check.
+    """
     xp = BACKEND.xp
+    checked = [False]
 
     def base(z: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         out = f_prec((structure.unflatten(xp, z), args))
-        leaves = leaves_of(out)
-        if (
-            isinstance(out, (tuple, list)) != (structure.container is not None)
-            or not all(isinstance(t, torch.Tensor) for t in leaves)
-            or tuple(tuple(t.shape) for t in leaves) != structure.shapes
-        ):
-            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                   for t in leaves]
-            raise ValueError(
-                f"f(z, *args) must return a state like z0 (shapes {list(structure.shapes)}), "
-                f"got {got if isinstance(out, (tuple, list)) else got[0]}"
-            )
+        if not checked[0]:
+            leaves = leaves_of(out)
+            if (
+                isinstance(out, (tuple, list)) != (structure.container is not None)
+                or not all(isinstance(t, torch.Tensor) for t in leaves)
+                or tuple(tuple(t.shape) for t in leaves) != structure.shapes
+            ):
+                got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                       for t in leaves]
+                raise ValueError(
+                    f"f(z, *args) must return a state like z0 (shapes "
+                    f"{list(structure.shapes)}), got "
+                    f"{got if isinstance(out, (tuple, list)) else got[0]}"
+                )
+            checked[0] = True
         flat: torch.Tensor = structure.flatten(xp, out)
         return flat
 
