@@ -5,23 +5,30 @@ For the residual ``g(z) = f(z) - z`` and the last ``m_k = min(k+1, m)`` iterates
 
     min_alpha || sum_i alpha_i g_i ||^2   subject to   sum_i alpha_i = 1
 
-and moves to ``z_{k+1} = sum_i alpha_i (z_i + beta g_i)``. With the Gram matrix
+and moves to ``z_{k+1} = sum_i alpha_i (z_i + beta g_i)``; with ``beta = 1`` that is
+``sum_i alpha_i f(z_i)``, one product over the stored values of ``f``. With the Gram matrix
 ``H_ij = <g_i, g_j>`` the minimiser is ``alpha = H^{-1} 1 / (1^T H^{-1} 1)``.
 
 Regularisation: ``H`` is ill-conditioned once residuals become collinear near convergence, so
 it is solved as ``(H + lambda diag(H)) y = 1`` -- a ridge relative to each history entry's own
-squared residual norm (computed as a unit-diagonal, Jacobi-scaled system). An absolute ridge,
+squared residual norm, computed as the unit-diagonal, Jacobi-scaled system
+``(D^{-1/2} H D^{-1/2} + lambda I) x = D^{-1/2} 1``, ``y = D^{-1/2} x``. An absolute ridge,
 or one scaled by the mean of ``diag(H)``, swamps the newest (smallest) residuals near
-convergence and makes Anderson slower than plain iteration at tight tolerances.
+convergence and makes Anderson slower than plain iteration at tight tolerances. The scaling
+matters as much: the unscaled system, or the bordered (KKT) form ``[[0, 1^T], [1, H]]``
+solved by LU, rounds the newest residuals away against the oldest (with ``m = 100`` on a
+tanh cell one sample needed 37-100 steps instead of 9).
 
 Scale: the residuals are stored divided by a per-sample constant (the norm of the first
 residual), so the Gram matrix neither underflows nor overflows for states of 1e-170 or
 1e150 (the mixing weights do not depend on the scale; without it, a Gram matrix of zeros
 leaves the mixing undetermined).
 
-Safeguard: where the mixing weights are non-finite or ``||alpha||_1 > max_coefficient`` (an
-extrapolation that cancels catastrophically), that sample takes the plain damped step
-``z + beta g`` instead.
+Safeguard: where the mixing weights are non-finite (a singular or non-finite system gives
+NaN/inf weights for that sample only, see :func:`_solve_per_sample`; so does the zero
+residual of an exact fixed point) or
+``||alpha||_1 > max_coefficient`` (an extrapolation that cancels catastrophically), that
+sample takes the plain damped step ``z + beta g`` instead.
 
 References:
     D. G. Anderson, "Iterative procedures for nonlinear integral equations", J. ACM 12 (1965).
@@ -32,28 +39,64 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
-
-import array_api_extra as xpx
 
 from ._xp import batch_zeros, device_of, inverse_norm, set_at
 from .solver_base import FixedPointSolver, check_positive, register
 
-#: eagerly built ``reg * I`` matrices, by (m, reg, dtype, device): one array less per step
-_RIDGES: dict[tuple[int, float, str, str], Any] = {}
+#: eagerly built constants by (name, size, reg, dtype, device): no array built per step
+_CONSTANTS: dict[tuple[str, int, float, str, str], Any] = {}
 
 
-def _ridge(xp: Any, m: int, reg: float, dtype: Any, device: Any, cache: bool) -> Any:
-    """``reg * I`` (m x m); cached when eager (under a JAX trace it is a traced constant)."""
-    if not cache:
-        return reg * xp.eye(m, dtype=dtype, device=device)
-    key = (m, reg, f"{type(dtype).__module__}.{dtype}", str(device))
-    value = _RIDGES.get(key)
+def _constant(xp: Any, name: str, m: int, reg: float, like: Any, cache: bool) -> Any:
+    """``"ridge"``: ``1 + reg I`` (m x m), the factor that adds the relative ridge to a
+    unit-diagonal matrix; ``"identity"``: ``I``. Cached when eager (under a JAX trace, a
+    traced constant)."""
+    dtype, device = like.dtype, device_of(like)
+    key = (name, m, reg, f"{type(dtype).__module__}.{dtype}", str(device))
+    value = _CONSTANTS.get(key) if cache else None
     if value is None:
-        value = _RIDGES[key] = reg * xp.eye(m, dtype=dtype, device=device)
+        eye = xp.eye(m, dtype=dtype, device=device)
+        value = 1.0 + reg * eye if name == "ridge" else eye
+        if cache:
+            _CONSTANTS[key] = value
     return value
+
+
+def _solve_per_sample(xp: Any, A: Any, b: Any, eager: bool) -> Any:
+    """``A^{-1} b`` per sample, where a singular or non-finite system gives NaN/inf for that
+    sample only (which the safeguard turns into a plain step) instead of an exception.
+
+    torch's ``linalg.solve_ex`` and JAX's ``solve`` already behave so; NumPy (and CuPy,
+    array_api_strict) raise for the whole batch when one matrix is singular or produces NaN
+    -- a stopped sample at an exact fixed point has a zero Gram row -- so eagerly such a
+    batch is solved again: the non-finite systems replaced by the identity and their results
+    set to NaN, and if that still raises, one sample at a time (a rare path).
+    """
+    solve_ex = getattr(xp.linalg, "solve_ex", None)
+    if solve_ex is not None:
+        return solve_ex(A, b)[0]
+    if not eager:
+        return xp.linalg.solve(A, b)
+    try:
+        return xp.linalg.solve(A, b)
+    except Exception:  # numpy.linalg.LinAlgError and the like: each library has its own type
+        pass
+    bad = ~xp.all(xp.isfinite(A), axis=(1, 2))[:, None, None]
+    eye = xp.eye(A.shape[-1], dtype=A.dtype, device=device_of(A))
+    nan = xp.full_like(A[:, :, :1], float("nan"))
+    try:
+        return xp.where(bad, nan, xp.linalg.solve(xp.where(bad, eye, A), b))
+    except Exception:
+        pass
+    rows = []
+    for i in range(A.shape[0]):
+        try:
+            rows.append(xp.linalg.solve(A[i, ...], b))
+        except Exception:
+            rows.append(nan[i, ...])
+    return xp.stack(rows)
 
 
 def _combine(xp: Any, w: Any, V: Any, eager: bool) -> Any:
@@ -84,9 +127,9 @@ SHORT_ROW, MANY_ROWS = 64, 512
 
 
 class AndersonState(NamedTuple):
-    X: Any  # (B, m, n) past iterates, ring buffer; unused slots are zero
+    F: Any  # (B, m, n) f(z_i) = z_i + g_i of the stored iterates, ring buffer; unused: zero
     G: Any  # (B, m, n) their residuals f(z_i) - z_i, times `inv_scale`
-    H: Any  # (B, m, m) Gram matrix <g_i, g_j> of the stored G; zero outside the filled block
+    H: Any  # (B, m, m) Gram matrix <G_i, G_j>; zero outside the filled block
     inv_scale: Any  # (B,) 1 / ||g_0|| (1 where that is 0 or not finite)
 
 
@@ -120,61 +163,60 @@ class Anderson(FixedPointSolver):
     def init(self, xp: Any, z: Any, g: Any) -> AndersonState:
         B, n = z.shape
         inv_scale = inverse_norm(xp, g)
-        g = g * inv_scale[:, None]
         zeros = batch_zeros(xp, z, (self.m, n))
-        X = xpx.at(zeros)[:, 0, ...].set(z)
-        G = xpx.at(xp.zeros_like(zeros))[:, 0, ...].set(g)
+        F = set_at(zeros, (slice(None), 0, ...), z + g)
+        g = g * inv_scale[:, None]
+        G = set_at(xp.zeros_like(zeros), (slice(None), 0, ...), g)
         H = batch_zeros(xp, z, (self.m, self.m))
-        H = xpx.at(H)[:, 0, 0].set(xp.vecdot(g, g))
-        return AndersonState(X, G, H, inv_scale)
+        H = set_at(H, (slice(None), 0, 0), xp.vecdot(g, g))
+        return AndersonState(F, G, H, inv_scale)
+
+    def filled(self, k: Any) -> int:
+        """History slots in use at step ``k``: eagerly ``min(k + 1, m)``, traced ``m``."""
+        return min(k + 1, self.m) if isinstance(k, int) else self.m
 
     def mixing_weights(self, xp: Any, H: Any, k: Any) -> Any:
-        """Per-sample ``alpha`` (B, m) for Gram ``H`` with ``min(k+1, m)`` filled slots."""
-        m = self.m
-        dtype = H.dtype
+        """Per-sample ``alpha`` (B, :meth:`filled`) for the Gram matrix ``H``.
+
+        Eagerly only the filled block is solved (a view); under a trace (``k`` an array)
+        the empty slots get identity rows and a zero right-hand side: their weights are 0.
+        """
         eager = isinstance(k, int)
-        # a full history (eager k is a Python int) needs no mask: every slot is filled
-        full = eager and k + 1 >= m
-        # a NaN sample must not poison the solve; eagerly one sum tells that none is there (a
-        # finite sum means finite entries; an overflowing one only takes the guarded path)
-        if not eager or not math.isfinite(float(xp.sum(H))):
-            H = xp.where(xp.isfinite(H), H, xp.zeros_like(H))
-        d = xp.linalg.diagonal(H)  # (B, m): squared residual norms
-        d = xp.where(d > 0, d, xp.ones_like(d))  # empty slot or exactly-zero residual
-        dinv = 1.0 / xp.sqrt(d)
-        # unit diagonal on the filled block; one factor at a time, since |H_ij| dinv_i <=
-        # sqrt(d_j): the product dinv_i dinv_j alone overflows for subnormal residuals
-        Hs = (H * dinv[:, :, None]) * dinv[:, None, :]
+        size = self.filled(k)
         reg = self.regularization
         if reg is None:
-            reg = max(1e-10, 10.0 * float(xp.finfo(dtype).eps))
-        if full:
-            A = Hs + _ridge(xp, m, reg, dtype, device_of(H), cache=eager)
-            s = dinv
-        else:
-            eye = xp.eye(m, dtype=dtype, device=device_of(H))
-            valid = xp.astype(xp.arange(m, device=device_of(H)) < (k + 1), dtype)  # (m,)
-            # filled slots get the relative ridge, empty ones an identity row (so y_i = 0)
-            A = Hs + eye * (reg * valid + (1.0 - valid))
-            s = dinv * valid
-        # y = D^{-1/2} A^{-1} D^{-1/2} 1 up to a per-sample positive factor, which cancels in
-        # alpha: scale D^{-1/2} to max 1 so y cannot overflow when residuals are tiny
-        s = s / xp.max(s, axis=1, keepdims=True)
-        y = xp.linalg.solve(A, s[:, :, None])[:, :, 0] * s
+            reg = max(1e-10, 10.0 * float(xp.finfo(H.dtype).eps))
+        if eager:
+            H = H[:, :size, :size]
+        p = xp.linalg.diagonal(H) ** -0.5  # D^{-1/2}; inf at a zero residual (NaN weights)
+        if not eager:  # slot i is filled iff i <= k
+            valid = xp.arange(size, device=device_of(H)) <= k
+            p = xp.where(valid, p, xp.zeros_like(p))
+        # unit diagonal; one factor at a time, since |H_ij| p_i <= sqrt(d_j): the product
+        # p_i p_j alone overflows for subnormal residuals
+        M = ((H * p[:, :, None]) * p[:, None, :]) * _constant(xp, "ridge", size, reg, H, eager)
+        if not eager:
+            M = xp.where(valid[:, None] & valid[None, :], M, _constant(xp, "identity", size,
+                                                                        0.0, H, False))
+        y = _solve_per_sample(xp, M, p[:, :, None], eager)[:, :, 0] * p
         return y / xp.sum(y, axis=1, keepdims=True)
 
     def propose(self, xp: Any, state: AndersonState, z: Any, g: Any, k: Any) -> Any:
         alpha = self.mixing_weights(xp, state.H, k)
         eager = isinstance(k, int)
-        mixed_g = _combine(xp, alpha, state.G, eager) / state.inv_scale[:, None]
-        mixed = _combine(xp, alpha, state.X, eager)
-        mixed = mixed + mixed_g if self.beta == 1.0 else mixed + self.beta * mixed_g
-        l1 = xp.sum(xp.abs(alpha), axis=1)
-        ok = l1 <= self.max_coefficient  # False for NaN and inf too (max_coefficient is finite)
-        # eagerly (k a Python int), one host read spares the plain step and the (B, n)
-        # selection on the usual step where no sample needs the safeguard
-        if isinstance(k, int) and bool(xp.all(ok)):
+        used = self.filled(k)
+        F = state.F[:, :used, :] if eager else state.F
+        mixed = _combine(xp, alpha, F, eager)
+        if self.beta != 1.0:  # sum_i alpha_i (f_i - (1 - beta) g_i)
+            G = state.G[:, :used, :] if eager else state.G
+            mixed_g = _combine(xp, alpha, G, eager) / state.inv_scale[:, None]
+            mixed = mixed - (1.0 - self.beta) * mixed_g
+        l1 = xp.linalg.vector_norm(alpha, axis=1, ord=1)
+        # eagerly one host read spares the plain step and the (B, n) selection on the usual
+        # step where no sample needs the safeguard (a NaN maximum fails the test)
+        if eager and float(xp.max(l1)) <= self.max_coefficient:
             return mixed
+        ok = l1 <= self.max_coefficient  # False for NaN and inf too (max_coefficient is finite)
         plain = z + g if self.beta == 1.0 else z + self.beta * g
         return xp.where(ok[:, None], mixed, plain)
 
@@ -182,10 +224,10 @@ class Anderson(FixedPointSolver):
         self, xp: Any, state: AndersonState, z: Any, g: Any, z_new: Any, g_new: Any, k: Any
     ) -> AndersonState:
         slot = (k + 1) % self.m
+        F = set_at(state.F, (slice(None), slot, ...), z_new + g_new)
         g_new = g_new * state.inv_scale[:, None]
-        X = set_at(state.X, (slice(None), slot, ...), z_new)
         G = set_at(state.G, (slice(None), slot, ...), g_new)
         row = _gram_row(xp, g_new, G, isinstance(k, int))  # (B, m): <g_i, g_new>, unused 0
         H = set_at(state.H, (slice(None), slot, ...), row)
         H = set_at(H, (slice(None), slice(None), slot), row)
-        return AndersonState(X, G, H, state.inv_scale)
+        return AndersonState(F, G, H, state.inv_scale)

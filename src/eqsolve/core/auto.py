@@ -49,7 +49,7 @@ SUBSET_MIN_BATCH = 512
 
 
 class AutoState(NamedTuple):
-    X: Any  # (B, m, n) as in AndersonState
+    F: Any  # (B, m, n) as in AndersonState
     G: Any  # (B, m, n)
     H: Any  # (B, m, m)
     inv_scale: Any  # (B,)
@@ -76,17 +76,22 @@ class AutoAnderson(Anderson):
         s = super().init(xp, z, g)
         # from z, so it has z's batch layout (sharding, shard_map varying axes)
         started = xp.zeros_like(z[:, 0], dtype=xp.bool)
-        return AutoState(s.X, s.G, s.H, s.inv_scale, started)
+        return AutoState(s.F, s.G, s.H, s.inv_scale, started)
 
     def propose(self, xp: Any, state: Any, z: Any, g: Any, k: Any) -> Any:
-        plain = z + g if self.beta == 1.0 else z + self.beta * g
+        plain = None
         if isinstance(k, int):  # eagerly, one host read decides how much mixing to compute
             batch = int(state.started.shape[0])
             count = int(xp.sum(xp.astype(state.started, xp.int32)))
+            if count == batch:  # every sample mixes (Anderson's safeguard steps plainly)
+                return super().propose(xp, _anderson(state), z, g, k)
+            plain = z + g if self.beta == 1.0 else z + self.beta * g
             if count == 0:  # no sample has started: the step is plain iteration
                 return plain
             if batch >= SUBSET_MIN_BATCH and 2 * count <= batch:
                 return self._propose_started(xp, state, z, g, k, plain)
+        if plain is None:
+            plain = z + g if self.beta == 1.0 else z + self.beta * g
         mixed = super().propose(xp, _anderson(state), z, g, k)
         return xp.where(state.started[:, None], mixed, plain)
 
@@ -100,7 +105,7 @@ class AutoAnderson(Anderson):
         def rows(a: Any) -> Any:
             return xp.take(a, idx, axis=0)
 
-        sub = AndersonState(rows(state.X), rows(state.G), rows(state.H), rows(state.inv_scale))
+        sub = AndersonState(rows(state.F), rows(state.G), rows(state.H), rows(state.inv_scale))
         mixed = super().propose(xp, sub, rows(z), rows(g), k)
         # row b of `spread` is row (number of started samples up to b) - 1 of `mixed`
         pos = xp.cumulative_sum(xp.astype(state.started, xp.int64)) - 1
@@ -109,15 +114,15 @@ class AutoAnderson(Anderson):
 
     def update(self, xp: Any, state: Any, z: Any, g: Any, z_new: Any, g_new: Any, k: Any) -> Any:
         # squared residual norms of the newest history entry before (slot k % m) and after
-        # (slot (k + 1) % m) this update: the Gram diagonal holds them. `before` is read
-        # first: on eager backends the update writes the buffers in place.
+        # (slot (k + 1) % m) this update: the Gram diagonal holds them. The bound is computed
+        # first, as a new array: on eager backends the update writes the buffers in place
+        # (with m = 1 into the same slot).
         prev, slot = k % self.m, (k + 1) % self.m
-        before = state.H[:, prev, prev]
+        bound = (self.start_ratio * self.start_ratio) * state.H[:, prev, prev]
         s = super().update(xp, _anderson(state), z, g, z_new, g_new, k)
-        after = s.H[:, slot, slot]
-        slow = after > (self.start_ratio * self.start_ratio) * before
-        return AutoState(s.X, s.G, s.H, s.inv_scale, state.started | slow)
+        slow = s.H[:, slot, slot] > bound
+        return AutoState(s.F, s.G, s.H, s.inv_scale, state.started | slow)
 
 
 def _anderson(state: AutoState) -> AndersonState:
-    return AndersonState(state.X, state.G, state.H, state.inv_scale)
+    return AndersonState(state.F, state.G, state.H, state.inv_scale)

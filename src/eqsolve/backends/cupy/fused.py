@@ -40,7 +40,7 @@ from ...core.anderson import Anderson, AndersonState
 from ...core.broyden import Broyden, BroydenState
 from ...core.driver import run_python_loop
 from ...core.loop import LoopState, StopRule, verify
-from ...core.measure import robust_norm
+from ...core.measure import growth_limit, robust_norm
 from ...core.picard import Picard, PicardState
 from ...core.solution import Status
 from ...core.solver_base import FixedPointSolver
@@ -115,8 +115,11 @@ def _solver_buffers(
             reg=real(reg),
             max_coeff=real(solver.max_coefficient),
         )
-        # the kernels store G unscaled: inv_scale 1
-        return "anderson_step", extra, lambda: AndersonState(X, G, H, xp.ones((B,), dtype=dtype))
+        # the kernels store iterates X and unscaled residuals G: the core keeps the f-values
+        # X + G, and G with inv_scale 1
+        return "anderson_step", extra, lambda: AndersonState(
+            X + G, G, H, xp.ones((B,), dtype=dtype)
+        )
     if isinstance(solver, Broyden):
         U = xp.zeros((B, solver.memory, n), dtype=dtype)
         V = xp.zeros_like(U)
@@ -209,7 +212,7 @@ def run_fused(
         k=int(xp.max(iterations)),
         z0=z0,
         g0=g0,
-        g0_norm=robust_norm(xp, g0),
+        g_limit=growth_limit(xp, robust_norm(xp, g0)),
         solver=final_state(),
     )
 
