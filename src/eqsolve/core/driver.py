@@ -19,6 +19,7 @@ from .loop import (
     loop_step,
     loop_step_all_active,
     needs_verification,
+    settle_all_active,
     verify,
 )
 from .solver_base import FixedPointSolver
@@ -48,6 +49,8 @@ def run_python_loop(
             state = loop_step(xp, f, state, solver, rule)
         else:
             break
+    if all_active:
+        state = settle_all_active(xp, state)
     if bool(xp.any(needs_verification(xp, state))):
         state = verify(xp, f, state, solver, rule)
     return state

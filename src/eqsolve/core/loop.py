@@ -42,7 +42,16 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ._xp import device_of
-from .measure import grew, limits, measure, plain_norm, rule_ratio, runaway, within_growth
+from .measure import (
+    grew,
+    growth_limit,
+    limits,
+    measure,
+    plain_norm,
+    rule_ratio,
+    runaway,
+    within_growth,
+)
 from .solution import Status
 from .solver_base import FixedPointSolver
 
@@ -84,7 +93,7 @@ class LoopState(NamedTuple):
     k: Any  # evaluations of f so far, minus one (Python int eagerly, 0-d int under JAX)
     z0: Any  # (B, n) initial point (the determinacy test's secant base)
     g0: Any  # (B, n) its residual
-    g0_norm: Any  # (B,) its norm (the residual-growth test's base)
+    g_limit: Any  # (B,) the residual norm beyond which a sample DIVERGED (growth_limit)
     solver: Any  # the solver's own NamedTuple state
     trace: Any = None  # (S, B, n) the points of rule.record_at (trace_iterates), else None
 
@@ -116,7 +125,7 @@ def loop_init(
         k=0,
         z0=z0,
         g0=m.g,
-        g0_norm=m.g_norm,
+        g_limit=growth_limit(xp, m.g_norm),
         solver=solver.init(xp, z0, m.g),
         trace=xp.stack([z0] * len(rule.record_at)) if rule.record_at else None,
     )
@@ -177,7 +186,7 @@ def record(
     m = measure(xp, z, fz, rule.tol, rule.atol, rule.floor, eager)
     holds = m.finite & (m.ratio <= 1)
     claims = holds & (state.status != _CONVERGED)
-    diverged = m.finite & grew(xp, m.g_norm, state.g0_norm)
+    diverged = m.finite & grew(xp, m.g_norm, state.g_limit)
     if not eager or bool(xp.any(claims)):
         away = runaway(xp, z, m, state.z0, state.g0, rule.tol, rule.atol, eager)
         diverged = diverged | (claims & away)
@@ -261,9 +270,10 @@ def loop_step_all_active(
     Returns the new state and whether every sample is still active.
 
     Same result, bit for bit, with the bookkeeping that only matters once a sample stops
-    skipped. The common step (every sample finite with accurately representable norms,
-    none meeting the residual test, none diverging, every rule ratio below its best) needs
-    no ``(B, n)`` selection at all: nothing is parked, the best iterate *is* ``z``, and the
+    skipped (``iterations`` is brought up to date by :func:`settle_all_active`). The common
+    step (every sample finite with accurately representable norms, none meeting the
+    residual test, none diverging, every rule ratio below its best) needs no ``(B, n)``
+    selection at all: nothing is parked, the best iterate *is* ``z``, and the
     solver records ``z`` and ``g`` as they are. One host read decides; any other step goes
     through :func:`record`, reusing the same ``f(z)`` (``f`` is still called once). On this
     project's ``tanh`` problem this cut the eager time outside ``f`` per step several-fold
@@ -284,9 +294,10 @@ def loop_step_all_active(
         (xp.minimum(g_norm, f_norm) >= lo)
         & (ratio > 1)
         & (ratio < state.best_ratio)
-        & within_growth(xp, g_norm, state.g0_norm)  # (a NaN g_norm failed `ratio > 1`)
+        & within_growth(xp, g_norm, state.g_limit)  # (a NaN g_norm failed `ratio > 1`)
     )
     if not bool(xp.all(ok)):
+        state = settle_all_active(xp, state)
         new = trace_iterates(xp, record(xp, state, solver, rule, z, fz), rule)
         return new, bool(xp.all(new.active))
     fast = state._replace(
@@ -296,8 +307,18 @@ def loop_step_all_active(
         best_res=rel,
         best_ratio=ratio,
         at_best=ok,  # all True
-        iterations=state.iterations + 1,
-        k=state.k + 1,
+        k=state.k + 1,  # `iterations` left for settle_all_active
         solver=solver.update(xp, state.solver, state.z, state.g, z, g, state.k),
     )
     return trace_iterates(xp, fast, rule), True
+
+
+def settle_all_active(xp: Any, state: LoopState) -> LoopState:
+    """``state`` with its per-sample ``iterations`` brought up to date after fast steps.
+
+    While every sample is active each step counts for every sample, so there
+    ``iterations == k``: :func:`loop_step_all_active` leaves the array as it was and this
+    sets it, once, when the all-active stretch ends (the driver calls it where the loop ends
+    inside that stretch).
+    """
+    return state._replace(iterations=xp.full_like(state.iterations, state.k))

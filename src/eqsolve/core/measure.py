@@ -192,11 +192,17 @@ def runaway(
     return g_norm * moved > dg
 
 
-def grew(xp: Any, g_norm: Any, g0_norm: Any) -> Any:
-    """Where the residual has grown more than :data:`RESIDUAL_GROWTH` times its initial size."""
-    return g_norm > RESIDUAL_GROWTH * g0_norm
+def growth_limit(xp: Any, g0_norm: Any) -> Any:
+    """The largest residual norm not reported as DIVERGED: :data:`RESIDUAL_GROWTH` times the
+    initial one (computed once per solve; the loop keeps it)."""
+    return RESIDUAL_GROWTH * g0_norm
 
 
-def within_growth(xp: Any, g_norm: Any, g0_norm: Any) -> Any:
+def grew(xp: Any, g_norm: Any, g_limit: Any) -> Any:
+    """Where the residual has grown beyond its :func:`growth_limit`."""
+    return g_norm > g_limit
+
+
+def within_growth(xp: Any, g_norm: Any, g_limit: Any) -> Any:
     """``~grew`` where ``g_norm`` is not NaN (there both are False): one operation less."""
-    return g_norm <= RESIDUAL_GROWTH * g0_norm
+    return g_norm <= g_limit
