@@ -62,5 +62,7 @@ def batch_zeros(xp: Any, like: Any, tail: tuple[int, ...]) -> Any:
     the same array ``xp.zeros`` gives (a fresh, writeable one).
     """
     B = like.shape[0]
+    if is_writeable_array(like):  # eager arrays have no batch layout: one operation
+        return xp.zeros((B, *tail), dtype=like.dtype, device=device_of(like))
     base = xp.reshape(xp.zeros_like(like[:, :1]), (B,) + (1,) * len(tail))
     return base + xp.zeros(tail, dtype=like.dtype, device=device_of(like))

@@ -103,11 +103,20 @@ def _full(xp: Any, like: Any, code: int) -> Any:
 
 
 def loop_init(
-    xp: Any, f: Callable[[Any], Any], z0: Any, solver: FixedPointSolver, rule: StopRule
+    xp: Any,
+    f: Callable[[Any], Any],
+    z0: Any,
+    solver: FixedPointSolver,
+    rule: StopRule,
+    eager: bool = False,
 ) -> LoopState:
-    """Evaluate ``f(z0)`` and build the initial state (``z0``: ``(B, n)``)."""
+    """Evaluate ``f(z0)`` and build the initial state (``z0``: ``(B, n)``).
+
+    ``eager``: the arrays are concrete, so host reads may skip the scaled norms where the
+    plain ones are accurate (the same values; see :func:`~eqsolve.core.measure.measure`).
+    """
     fz = f(z0)
-    m = measure(xp, z0, fz, rule.tol, rule.atol, rule.floor)
+    m = measure(xp, z0, fz, rule.tol, rule.atol, rule.floor, eager)
     converged = m.finite & (m.ratio <= 1)  # nothing moved yet: no determinacy test
     status = xp.where(converged, _full(xp, m.rel, _CONVERGED), _full(xp, m.rel, _MAX_ITER))
     status = xp.where(m.finite, status, _full(xp, status, _NONFINITE))
