@@ -24,7 +24,7 @@ TORCH = pytest.mark.skipif(
 #: upper bounds on non-view ATen operations per step, beyond f's own (on this problem some
 #: samples of "auto" mix and some do not: it costs Anderson's step plus the plain one and the
 #: selection between them)
-BOUNDS = {"picard": 16, "anderson": 34, "auto": 42}
+BOUNDS = {"picard": 16, "anderson": 37, "auto": 45}
 #: the counts on the same problem before issue 12's first changes (main of 2026-12-01)
 BEFORE = {"picard": 28, "anderson": 72, "auto": 79}
 

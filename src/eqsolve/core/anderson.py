@@ -50,15 +50,14 @@ _CONSTANTS: dict[tuple[str, int, float, str, str], Any] = {}
 
 
 def _constant(xp: Any, name: str, m: int, reg: float, like: Any, cache: bool) -> Any:
-    """``"ridge"``: ``1 + reg I`` (m x m), the factor that adds the relative ridge to a
-    unit-diagonal matrix; ``"identity"``: ``I``. Cached when eager (under a JAX trace, a
-    traced constant)."""
+    """``"ridge"``: ``reg I`` (m x m), the relative ridge of a unit-diagonal matrix;
+    ``"identity"``: ``I``. Cached when eager (under a JAX trace, a traced constant)."""
     dtype, device = like.dtype, device_of(like)
     key = (name, m, reg, f"{type(dtype).__module__}.{dtype}", str(device))
     value = _CONSTANTS.get(key) if cache else None
     if value is None:
         eye = xp.eye(m, dtype=dtype, device=device)
-        value = 1.0 + reg * eye if name == "ridge" else eye
+        value = reg * eye if name == "ridge" else eye
         if cache:
             _CONSTANTS[key] = value
     return value
@@ -188,13 +187,17 @@ class Anderson(FixedPointSolver):
             reg = max(1e-10, 10.0 * float(xp.finfo(H.dtype).eps))
         if eager:
             H = H[:, :size, :size]
-        p = xp.linalg.diagonal(H) ** -0.5  # D^{-1/2}; inf at a zero residual (NaN weights)
+        d = xp.linalg.diagonal(H)  # (B, size): squared residual norms
+        # an exactly-zero residual (a stopped sample at its fixed point, a zero cotangent)
+        # gets d = 1: its row is then ridge only, so the solve stays regular and quiet
+        d = xp.where(d > 0, d, xp.ones_like(d))
+        p = d**-0.5  # D^{-1/2}
         if not eager:  # slot i is filled iff i <= k
             valid = xp.arange(size, device=device_of(H)) <= k
             p = xp.where(valid, p, xp.zeros_like(p))
-        # unit diagonal; one factor at a time, since |H_ij| p_i <= sqrt(d_j): the product
-        # p_i p_j alone overflows for subnormal residuals
-        M = ((H * p[:, :, None]) * p[:, None, :]) * _constant(xp, "ridge", size, reg, H, eager)
+        # unit diagonal plus the ridge; one factor at a time, since |H_ij| p_i <= sqrt(d_j):
+        # the product p_i p_j alone overflows for subnormal residuals
+        M = ((H * p[:, :, None]) * p[:, None, :]) + _constant(xp, "ridge", size, reg, H, eager)
         if not eager:
             M = xp.where(valid[:, None] & valid[None, :], M, _constant(xp, "identity", size,
                                                                         0.0, H, False))
