@@ -43,23 +43,22 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ._xp import batch_zeros, device_of, inverse_norm, set_at
-from .solver_base import FixedPointSolver, check_positive, register
+from .solver_base import FixedPointSolver, check_positive, damped_step, register
 
-#: eagerly built constants by (name, size, reg, dtype, device): no array built per step
-_CONSTANTS: dict[tuple[str, int, float, str, str], Any] = {}
+#: eagerly built ``reg * I`` matrices, by (m, reg, dtype, device): no array built per step
+_RIDGES: dict[tuple[int, float, str, str], Any] = {}
 
 
-def _constant(xp: Any, name: str, m: int, reg: float, like: Any, cache: bool) -> Any:
-    """``"ridge"``: ``reg I`` (m x m), the relative ridge of a unit-diagonal matrix;
-    ``"identity"``: ``I``. Cached when eager (under a JAX trace, a traced constant)."""
+def _ridge(xp: Any, m: int, reg: float, like: Any, cache: bool) -> Any:
+    """``reg * I`` (m x m), the relative ridge of a unit-diagonal matrix; cached when eager
+    (under a JAX trace it is a traced constant)."""
     dtype, device = like.dtype, device_of(like)
-    key = (name, m, reg, f"{type(dtype).__module__}.{dtype}", str(device))
-    value = _CONSTANTS.get(key) if cache else None
+    key = (m, reg, f"{type(dtype).__module__}.{dtype}", str(device))
+    value = _RIDGES.get(key) if cache else None
     if value is None:
-        eye = xp.eye(m, dtype=dtype, device=device)
-        value = reg * eye if name == "ridge" else eye
+        value = reg * xp.eye(m, dtype=dtype, device=device)
         if cache:
-            _CONSTANTS[key] = value
+            _RIDGES[key] = value
     return value
 
 
@@ -197,10 +196,10 @@ class Anderson(FixedPointSolver):
             p = xp.where(valid, p, xp.zeros_like(p))
         # unit diagonal plus the ridge; one factor at a time, since |H_ij| p_i <= sqrt(d_j):
         # the product p_i p_j alone overflows for subnormal residuals
-        M = ((H * p[:, :, None]) * p[:, None, :]) + _constant(xp, "ridge", size, reg, H, eager)
+        M = ((H * p[:, :, None]) * p[:, None, :]) + _ridge(xp, size, reg, H, cache=eager)
         if not eager:
-            M = xp.where(valid[:, None] & valid[None, :], M, _constant(xp, "identity", size,
-                                                                        0.0, H, False))
+            eye = xp.eye(size, dtype=H.dtype, device=device_of(H))
+            M = xp.where(valid[:, None] & valid[None, :], M, eye)
         # y = D^{-1/2} M^{-1} D^{-1/2} 1 ~ 1/d overflows only where d is subnormal (a float32
         # residual ~1e-19 of the first one, from a far starting point): those weights are
         # NaN and the safeguard steps plainly. Not rescaled (two operations per step): from
@@ -212,12 +211,10 @@ class Anderson(FixedPointSolver):
     def propose(self, xp: Any, state: AndersonState, z: Any, g: Any, k: Any) -> Any:
         alpha = self.mixing_weights(xp, state.H, k)
         eager = isinstance(k, int)
-        used = self.filled(k)
-        F = state.F[:, :used, :] if eager else state.F
-        mixed = _combine(xp, alpha, F, eager)
+        used = alpha.shape[1]  # the filled slots (all m under a trace)
+        mixed = _combine(xp, alpha, state.F[:, :used, :], eager)
         if self.beta != 1.0:  # sum_i alpha_i (f_i - (1 - beta) g_i)
-            G = state.G[:, :used, :] if eager else state.G
-            mixed_g = _combine(xp, alpha, G, eager) / state.inv_scale[:, None]
+            mixed_g = _combine(xp, alpha, state.G[:, :used, :], eager) / state.inv_scale[:, None]
             mixed = mixed - (1.0 - self.beta) * mixed_g
         l1 = xp.linalg.vector_norm(alpha, axis=1, ord=1)
         # eagerly one host read spares the plain step and the (B, n) selection on the usual
@@ -225,8 +222,7 @@ class Anderson(FixedPointSolver):
         if eager and float(xp.max(l1)) <= self.max_coefficient:
             return mixed
         ok = l1 <= self.max_coefficient  # False for NaN and inf too (max_coefficient is finite)
-        plain = z + g if self.beta == 1.0 else z + self.beta * g
-        return xp.where(ok[:, None], mixed, plain)
+        return xp.where(ok[:, None], mixed, damped_step(z, g, self.beta))
 
     def update(
         self, xp: Any, state: AndersonState, z: Any, g: Any, z_new: Any, g_new: Any, k: Any

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .anderson import Anderson, AndersonState
-from .solver_base import check_positive, register
+from .solver_base import check_positive, damped_step, register
 
 #: eagerly, batches at least this large compute the mixing only for their started samples
 #: while those are at most half of the batch (torch on the CPU, tanh cell: time / floor went
@@ -79,23 +79,19 @@ class AutoAnderson(Anderson):
         return AutoState(s.F, s.G, s.H, s.inv_scale, started)
 
     def propose(self, xp: Any, state: Any, z: Any, g: Any, k: Any) -> Any:
-        plain = None
         if isinstance(k, int):  # eagerly, one host read decides how much mixing to compute
             batch = int(state.started.shape[0])
             count = int(xp.sum(xp.astype(state.started, xp.int32)))
             if count == batch:  # every sample mixes (Anderson's safeguard steps plainly)
                 return super().propose(xp, _anderson(state), z, g, k)
-            plain = z + g if self.beta == 1.0 else z + self.beta * g
             if count == 0:  # no sample has started: the step is plain iteration
-                return plain
+                return damped_step(z, g, self.beta)
             if batch >= SUBSET_MIN_BATCH and 2 * count <= batch:
-                return self._propose_started(xp, state, z, g, k, plain)
-        if plain is None:
-            plain = z + g if self.beta == 1.0 else z + self.beta * g
+                return self._propose_started(xp, state, z, g, k)
         mixed = super().propose(xp, _anderson(state), z, g, k)
-        return xp.where(state.started[:, None], mixed, plain)
+        return xp.where(state.started[:, None], mixed, damped_step(z, g, self.beta))
 
-    def _propose_started(self, xp: Any, state: Any, z: Any, g: Any, k: Any, plain: Any) -> Any:
+    def _propose_started(self, xp: Any, state: Any, z: Any, g: Any, k: Any) -> Any:
         """Eagerly, with at most half of a large batch started: the mixing computed for the
         started samples only (per sample it is the same computation; its small solves are
         what a large batch pays for), gathered back into place without a scatter (which the
@@ -110,7 +106,7 @@ class AutoAnderson(Anderson):
         # row b of `spread` is row (number of started samples up to b) - 1 of `mixed`
         pos = xp.cumulative_sum(xp.astype(state.started, xp.int64)) - 1
         spread = xp.take(mixed, xp.where(pos < 0, xp.zeros_like(pos), pos), axis=0)
-        return xp.where(state.started[:, None], spread, plain)
+        return xp.where(state.started[:, None], spread, damped_step(z, g, self.beta))
 
     def update(self, xp: Any, state: Any, z: Any, g: Any, z_new: Any, g_new: Any, k: Any) -> Any:
         # squared residual norms of the newest history entry before (slot k % m) and after

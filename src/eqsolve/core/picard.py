@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .solver_base import FixedPointSolver, check_positive, register
+from .solver_base import FixedPointSolver, check_positive, damped_step, register
 
 
 class PicardState(NamedTuple):
@@ -37,7 +37,7 @@ class Picard(FixedPointSolver):
         return PicardState()
 
     def propose(self, xp: Any, state: PicardState, z: Any, g: Any, k: Any) -> Any:
-        return z + g if self.beta == 1.0 else z + self.beta * g
+        return damped_step(z, g, self.beta)
 
     def update(
         self, xp: Any, state: PicardState, z: Any, g: Any, z_new: Any, g_new: Any, k: Any

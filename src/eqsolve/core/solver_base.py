@@ -46,6 +46,12 @@ class FixedPointSolver(abc.ABC):
         """State after evaluating ``z_new`` (``k`` = updates done before this one)."""
 
 
+def damped_step(z: Any, g: Any, beta: float) -> Any:
+    """The plain (damped) fixed-point step ``z + beta g`` (no product when ``beta = 1``):
+    Picard's step, and the fallback of the mixing solvers."""
+    return z + g if beta == 1.0 else z + beta * g
+
+
 _REGISTRY: dict[str, type[FixedPointSolver]] = {}
 
 
