@@ -346,6 +346,52 @@ def test_on_backward_receives_adjoint_info_eagerly_and_under_jit():
         assert bool(np.all(info.residual <= TOL)) and bool(np.all(info.iterations > 0))
 
 
+def _callbacks(jaxpr) -> int:
+    """How many ``debug_callback`` equations a (closed) jaxpr holds, sub-jaxprs included."""
+    n = 0
+    for e in jaxpr.eqns:
+        n += e.primitive.name == "debug_callback"
+        for p in e.params.values():
+            for q in p if isinstance(p, (tuple, list)) else [p]:
+                sub = getattr(q, "jaxpr", None)
+                if sub is not None:
+                    n += _callbacks(sub if hasattr(sub, "eqns") else sub.jaxpr)
+    return n
+
+
+def test_vmapped_linear_solves_report_once_with_every_sample():
+    """Under vmap (jacrev maps the adjoint solve over every output) a linear solve reports
+    once, with the samples of every mapped element, not once per element: debug.callback's
+    own rule unrolled the report, 512 callbacks in a jacrev of a (8, 32) solve (XLA
+    compiled that program in 14 s instead of 1.6 s)."""
+    pb = tanh_problem()
+    seen: list[AdjointInfo] = []
+
+    def z(th):
+        sol = fixed_point(pb.f, pb.z0(pb.x), pb.unravel(th), pb.x, tol=TOL, max_iter=500,
+                          solver="picard", backward=spec("gmres"), on_backward=seen.append)
+        return ravel_pytree(sol.value)[0]
+
+    jac = jax.jacrev(z)
+    # custom_linear_solve keeps both of its solves (tangent and transposed) in the program:
+    # one callback each, whatever the number of mapped outputs (unrolled: 2 per output)
+    assert _callbacks(jax.make_jaxpr(jac)(pb.theta).jaxpr) == 2
+    seen.clear()
+    got = jax.block_until_ready(jax.jit(jac)(pb.theta))
+    jax.effects_barrier()
+    outputs = got.shape[0]  # one adjoint solve per output, all in one report
+    assert len(seen) == 1, len(seen)
+    assert seen[0].iterations.shape == (outputs * B,)
+    assert bool(np.all(seen[0].converged)) and bool(np.all(seen[0].residual <= TOL))
+    assert rel(got, ift_jacobian(pb, pb.theta, pb.x)) <= BOUND
+    # nested vmap: still one report, every (outer, inner, sample) flattened
+    seen.clear()
+    thetas = jnp.stack([pb.theta, 1.01 * pb.theta])
+    jax.block_until_ready(jax.vmap(jax.jacrev(z))(thetas))
+    jax.effects_barrier()
+    assert len(seen) == 1 and seen[0].status.shape == (2 * outputs * B,)
+
+
 def test_on_backward_must_be_callable():
     with pytest.raises(TypeError, match="on_backward"):
         fixed_point(lambda z: 0.5 * z, jnp.zeros((2, 3)), on_backward="log")

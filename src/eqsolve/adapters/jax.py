@@ -162,8 +162,9 @@ def fixed_point(
             ``residual``, ``converged``, ``status``, as NumPy arrays) of each implicit linear
             solve: the adjoint solve of a reverse pass, the tangent solve of a forward one
             (a Hessian runs several). It runs through ``jax.debug.callback``, so under
-            ``jit`` too (once per call of the compiled program; under ``vmap``, once per
-            mapped element), e.g. to log the adjoint's iterations. Not called for
+            ``jit`` too (once per call of the compiled program; under ``vmap``, also once:
+            the arrays then hold the samples of every mapped element, mapped axes first,
+            flattened into the sample axis), e.g. to log the adjoint's iterations. Not called for
             ``Phantom``/``JFB`` (no linear solve).
         sync_stop: ``None`` (default): under ``jax.shard_map``/``pmap`` each device stops
             when its own samples have converged. An axis name (or tuple of names) of the

@@ -47,6 +47,8 @@ the primal solve, under ``stop_gradient``); the transpose, ``u = -H^T g``, is JA
 Each implicit linear solve (the tangent solve in forward mode, the adjoint solve in reverse
 mode) reports from the running computation through ``jax.debug.callback`` (so under ``jit``
 too): a failure warning as the ``on_failure`` policy says, and ``on_backward(AdjointInfo)``.
+Under ``vmap`` (``jacrev`` maps the adjoint solve over every output) it reports once, with
+every mapped element's samples (:func:`_report_once`).
 """
 
 from __future__ import annotations
@@ -174,14 +176,40 @@ def _solve(jaxpr: Any, consts: Any, b: Any, spec: Implicit, forward: dict[str, A
     )
     warn = spec.resolved_on_failure(forward["on_failure"]) in ("warn", "raise")
     if warn or on_backward is not None:
-        jax.debug.callback(
-            functools.partial(
-                _report, method=spec.label, tol=tol, max_iter=max_iter, warn=warn,
-                on_backward=on_backward,
-            ),
-            info.status, info.residual, info.iterations,
+        report = functools.partial(
+            _report, method=spec.label, tol=tol, max_iter=max_iter, warn=warn,
+            on_backward=on_backward,
         )
+        _report_once(report)(info.status, jax.lax.stop_gradient(info.residual),
+                             info.iterations)
     return u
+
+
+def _report_once(report: Callable[..., None]) -> Callable[..., Any]:
+    """``jax.debug.callback(report, *arrays)`` that ``vmap`` calls once, with every mapped
+    element's samples flattened into the sample axis (mapped axes first).
+
+    ``debug.callback``'s own batching rule unrolls the callback over the mapped axis: a
+    ``jax.jacrev`` of a (8, 32) solve put 512 callbacks into its program, and XLA compiled it
+    in 14 s instead of ~1 s (and the host was called 256 times per run).
+    """
+
+    @jax.custom_batching.custom_vmap
+    def emit(*arrays: Any) -> Any:
+        jax.debug.callback(report, *arrays)
+        return jnp.zeros((), jnp.int32)  # custom_vmap needs an output; nothing reads it
+
+    @emit.def_vmap
+    def emit_batched(axis_size: int, in_batched: list[bool], *arrays: Any) -> Any:
+        # the rule receives mapped arrays with the mapped axis first
+        flat = [
+            jnp.reshape(a if mapped else jnp.broadcast_to(a, (axis_size, *a.shape)),
+                        (-1, *a.shape[2 if mapped else 1:]))
+            for a, mapped in zip(arrays, in_batched, strict=True)
+        ]
+        return emit(*flat), False
+
+    return emit
 
 
 #: jitted linear solves of eager calls, keyed on the operator's jaxpr text (least recently
