@@ -120,6 +120,14 @@ def _eager_run(
     return run(closed.consts, z0)
 
 
+def _branch(pred: Any, then: Callable[[], Any], otherwise: Callable[[], Any]) -> Any:
+    """The core's :data:`~eqsolve.core.measure.Branch` under a trace: ``lax.cond``, so a
+    step computes the scaled norms, the determinacy test and the frozen copies only when
+    some sample needs them (under ``vmap`` of a solve the predicate is batched and JAX
+    evaluates both branches, as without it)."""
+    return jax.lax.cond(pred, then, otherwise)
+
+
 def _run_traced(
     f: Callable[[Any], Any],
     z0: Any,
@@ -128,7 +136,7 @@ def _run_traced(
     axes: tuple[Hashable, ...],
 ) -> LoopState:
     """``loop_init``, ``lax.while_loop`` over ``loop_step``, then ``verify`` under ``lax.cond``."""
-    state = loop_init(jnp, f, z0, solver, rule)
+    state = loop_init(jnp, f, z0, solver, rule, _branch)
     k = jnp.asarray(0, dtype=jnp.int32)
     # Under shard_map with per-device stopping the trip count differs between devices, so
     # the counter (hence nfev) varies along every axis the flags vary along and that the
@@ -149,12 +157,12 @@ def _run_traced(
         return (s.k < rule.max_iter) & any_over_axes(s.active)
 
     def body(s: LoopState) -> LoopState:
-        return loop_step(jnp, f, s, solver, rule)
+        return loop_step(jnp, f, s, solver, rule, _branch)
 
     state = _no_reverse_mode(jax.lax.while_loop(keep_going, body, state))
     out: LoopState = jax.lax.cond(
         any_over_axes(needs_verification(jnp, state)),
-        lambda s: verify(jnp, f, s, solver, rule),
+        lambda s: verify(jnp, f, s, solver, rule, _branch),
         lambda s: s,
         state,
     )

@@ -22,6 +22,7 @@ from .loop import (
     settle_all_active,
     verify,
 )
+from .measure import host_branch
 from .solver_base import FixedPointSolver
 
 
@@ -40,7 +41,7 @@ def run_python_loop(
     every sample is active, :func:`loop_step_all_active` takes the step: the same result
     without the per-sample selections.
     """
-    state = loop_init(xp, f, z0, solver, rule, eager=True)
+    state = loop_init(xp, f, z0, solver, rule, host_branch)
     all_active = bool(xp.all(state.active))
     while state.k < rule.max_iter:
         if all_active:
@@ -94,7 +95,7 @@ def run_python_loop_synced(
     ``rule.max_iter`` must be the same on every process (it is checked before
     ``any_active``, so at ``k == max_iter`` no process reduces).
     """
-    state = loop_init(xp, f, z0, solver, rule, eager=True)
+    state = loop_init(xp, f, z0, solver, rule, host_branch)
     while state.k < rule.max_iter and any_active(state.active):
         state = loop_step(xp, f, state, solver, rule)
     if any_active(needs_verification(xp, state)):  # every process evaluates, or none does

@@ -43,8 +43,10 @@ from typing import Any, NamedTuple
 
 from ._xp import device_of
 from .measure import (
+    Branch,
     grew,
     growth_limit,
+    host_branch,
     limits,
     measure,
     plain_norm,
@@ -108,15 +110,15 @@ def loop_init(
     z0: Any,
     solver: FixedPointSolver,
     rule: StopRule,
-    eager: bool = False,
+    branch: Branch[Any] | None = None,
 ) -> LoopState:
     """Evaluate ``f(z0)`` and build the initial state (``z0``: ``(B, n)``).
 
-    ``eager``: the arrays are concrete, so host reads may skip the scaled norms where the
-    plain ones are accurate (the same values; see :func:`~eqsolve.core.measure.measure`).
+    ``branch`` (:data:`~eqsolve.core.measure.Branch`): skips the scaled norms where the plain
+    ones are accurate (the same values; see :func:`~eqsolve.core.measure.measure`).
     """
     fz = f(z0)
-    m = measure(xp, z0, fz, rule.tol, rule.atol, rule.floor, eager)
+    m = measure(xp, z0, fz, rule.tol, rule.atol, rule.floor, branch)
     converged = m.finite & (m.ratio <= 1)  # nothing moved yet: no determinacy test
     status = xp.where(converged, _full(xp, m.rel, _CONVERGED), _full(xp, m.rel, _MAX_ITER))
     status = xp.where(m.finite, status, _full(xp, status, _NONFINITE))
@@ -178,27 +180,38 @@ def record(
     fz: Any,
     *,
     update_solver: bool = True,
+    branch: Branch[Any] | None = None,
 ) -> LoopState:
     """Record the evaluation ``fz = f(z)``: rule, statuses, best iterate, solver history.
 
     Stopped samples were evaluated at their returned point (``z == best_z`` there): their
     residual is updated and their status re-derived, and a converged one that fails the rule
     now is re-opened.
+
+    ``branch`` (:data:`~eqsolve.core.measure.Branch`; eagerly, ``k`` a Python int,
+    :func:`~eqsolve.core.measure.host_branch`): skips work that cannot change the result --
+    the scaled norms where every plain one is accurate, the determinacy test where no sample
+    newly meets the residual test, the frozen copies where every evaluation is finite.
     """
+    if isinstance(state.k, int):
+        branch = host_branch
     active = state.active
     parked = ~active
-    # the determinacy test is taken where a sample newly meets the residual test (a sample
-    # parked as CONVERGED passed it when it stopped); eagerly (k a Python int) host reads
-    # skip work that cannot change the result: the scaled norms where every plain one is
-    # accurate, the determinacy test where no sample newly meets the residual test
-    eager = isinstance(state.k, int)
-    m = measure(xp, z, fz, rule.tol, rule.atol, rule.floor, eager)
+    m = measure(xp, z, fz, rule.tol, rule.atol, rule.floor, branch)
     holds = m.finite & (m.ratio <= 1)
+    # the determinacy test is taken where a sample newly meets the residual test (a sample
+    # parked as CONVERGED passed it when it stopped)
     claims = holds & (state.status != _CONVERGED)
     diverged = m.finite & grew(xp, m.g_norm, state.g_limit)
-    if not eager or bool(xp.any(claims)):
-        away = runaway(xp, z, m, state.z0, state.g0, rule.tol, rule.atol, eager)
-        diverged = diverged | (claims & away)
+
+    def with_runaway() -> Any:
+        away = runaway(xp, z, m, state.z0, state.g0, rule.tol, rule.atol, branch)
+        return diverged | (claims & away)
+
+    if branch is None:
+        diverged = with_runaway()
+    else:
+        diverged = branch(xp.any(claims), with_runaway, lambda: diverged)
     converged = holds & ~diverged
 
     improved = active & (m.ratio < state.best_ratio)  # NaN compares False
@@ -218,9 +231,14 @@ def record(
 
     # the solver only ever records finite data: a sample that just hit NaN/inf is frozen, and
     # its history must not produce inf arithmetic in later steps
-    bad = ~m.finite[:, None]
-    z_rec = xp.where(bad, state.z, z)
-    g_rec = xp.where(bad, state.g, m.g)
+    def frozen() -> tuple[Any, Any]:
+        bad = ~m.finite[:, None]
+        return xp.where(bad, state.z, z), xp.where(bad, state.g, m.g)
+
+    if branch is None:
+        z_rec, g_rec = frozen()
+    else:
+        z_rec, g_rec = branch(xp.all(m.finite), lambda: (z, m.g), frozen)
     solver_state = (
         solver.update(xp, state.solver, state.z, state.g, z_rec, g_rec, state.k)
         if update_solver
@@ -243,11 +261,16 @@ def record(
 
 
 def loop_step(
-    xp: Any, f: Callable[[Any], Any], state: LoopState, solver: FixedPointSolver, rule: StopRule
+    xp: Any,
+    f: Callable[[Any], Any],
+    state: LoopState,
+    solver: FixedPointSolver,
+    rule: StopRule,
+    branch: Branch[Any] | None = None,
 ) -> LoopState:
     """One iteration: propose, evaluate ``f`` once, record, test, update best."""
     z = propose_point(xp, state, solver)
-    return trace_iterates(xp, record(xp, state, solver, rule, z, f(z)), rule)
+    return trace_iterates(xp, record(xp, state, solver, rule, z, f(z), branch=branch), rule)
 
 
 def needs_verification(xp: Any, state: LoopState) -> Any:
@@ -256,7 +279,12 @@ def needs_verification(xp: Any, state: LoopState) -> Any:
 
 
 def verify(
-    xp: Any, f: Callable[[Any], Any], state: LoopState, solver: FixedPointSolver, rule: StopRule
+    xp: Any,
+    f: Callable[[Any], Any],
+    state: LoopState,
+    solver: FixedPointSolver,
+    rule: StopRule,
+    branch: Branch[Any] | None = None,
 ) -> LoopState:
     """Evaluate ``f`` once on the returned batch and re-derive every status there.
 
@@ -267,7 +295,7 @@ def verify(
     """
     parked = state._replace(active=xp.zeros_like(state.active))
     z = state.best_z
-    out = record(xp, parked, solver, rule, z, f(z), update_solver=False)
+    out = record(xp, parked, solver, rule, z, f(z), update_solver=False, branch=branch)
     return out._replace(active=out.status == _MAX_ITER)
 
 

@@ -44,9 +44,25 @@ exactly like one of 1.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 from ._xp import scaled_norm
+
+_T = TypeVar("_T")
+
+#: ``branch(pred, then, otherwise)``: ``then()`` where the 0-d boolean ``pred`` holds, else
+#: ``otherwise()`` (both return the same structure). The drivers pass one where arrays allow
+#: it -- :func:`host_branch` on eager backends, ``lax.cond`` under JAX -- so work that cannot
+#: change the result (a scaled norm where every plain one is accurate, the determinacy test
+#: where no sample newly meets the residual test) is skipped; without one (``None``) every
+#: quantity is computed and selected per sample (the same values, bit for bit).
+Branch = Callable[[Any, Callable[[], _T], Callable[[], _T]], _T]
+
+
+def host_branch(pred: Any, then: Callable[[], _T], otherwise: Callable[[], _T]) -> _T:
+    """:data:`Branch` of the eager backends: one host read of ``pred``, one branch run."""
+    return then() if bool(pred) else otherwise()
 
 #: a residual this many times larger than the initial one is reported as DIVERGED
 RESIDUAL_GROWTH = 1e10
@@ -75,19 +91,23 @@ def plain_norm(xp: Any, a: Any) -> Any:
     return xp.linalg.vector_norm(a, axis=1)
 
 
-def robust_norm(xp: Any, a: Any, eager: bool = False) -> Any:
+def robust_norm(xp: Any, a: Any, branch: Branch[Any] | None = None, plain: Any = None) -> Any:
     """Per-row 2-norm of ``a`` ``(B, n)``, exact for any representable entries.
 
     The plain norm where it is accurate (bit for bit what the eager fast path computes),
-    the max-scaled one elsewhere. NaN/inf entries give a non-finite norm. ``eager``: one
-    host read skips the scaled norm when every row is accurate (the usual case).
+    the max-scaled one elsewhere. NaN/inf entries give a non-finite norm. ``branch``
+    (:data:`Branch`): the scaled norm is computed only when some row needs it (the usual
+    case needs none). ``plain``: ``plain_norm(xp, a)`` where the caller has it.
     """
     lo, hi = limits(xp, a.dtype)
-    plain = plain_norm(xp, a)
+    if plain is None:
+        plain = plain_norm(xp, a)
     safe = (plain >= lo) & (plain <= hi)
-    if eager and bool(xp.all(safe)):
-        return plain
-    return xp.where(safe, plain, scaled_norm(xp, a))
+
+    def rescaled() -> Any:
+        return xp.where(safe, plain, scaled_norm(xp, a))
+
+    return rescaled() if branch is None else branch(xp.all(safe), lambda: plain, rescaled)
 
 
 def _safe(xp: Any, den: Any) -> tuple[Any, Any]:
@@ -159,42 +179,61 @@ class Measures(NamedTuple):
 
 
 def measure(
-    xp: Any, z: Any, fz: Any, tol: float, atol: float, floor: float = 0.0, eager: bool = False
+    xp: Any,
+    z: Any,
+    fz: Any,
+    tol: float,
+    atol: float,
+    floor: float = 0.0,
+    branch: Branch[Any] | None = None,
 ) -> Measures:
     """Residual and the rule's quantities for the evaluation ``fz = f(z)``.
 
-    ``eager``: the arrays are concrete (not traced), so host reads may skip work that
-    cannot change the result: where both plain norms of every row are within
+    ``branch`` (:data:`Branch`): where both plain norms of every row are within
     :func:`limits` (the usual step), they are the robust norms, finite and > 0, and
-    ``relative`` is their quotient -- one host read instead of two, and none of the special
+    ``relative`` is their quotient: one test instead of the scaled norms and the special
     cases' selections (the same values, bit for bit).
     """
     g = fz - z
-    if eager:
-        lo, hi = limits(xp, z.dtype)
-        g_norm, f_norm = plain_norm(xp, g), plain_norm(xp, fz)
-        if bool(xp.all((xp.minimum(g_norm, f_norm) >= lo) & (xp.maximum(g_norm, f_norm) <= hi))):
-            rel = g_norm / f_norm
-            ratio = rule_ratio(xp, g_norm, f_norm, rel, tol, atol, floor, z)
-            return Measures(g, g_norm, f_norm, rel, ratio, xp.isfinite(rel))
-    g_norm = robust_norm(xp, g, eager)
-    f_norm = robust_norm(xp, fz, eager)
-    rel = relative(xp, g_norm, f_norm)
+    lo, hi = limits(xp, z.dtype)
+    g_plain, f_plain = plain_norm(xp, g), plain_norm(xp, fz)
+
+    def accurate() -> tuple[Any, Any, Any, Any]:
+        rel = g_plain / f_plain
+        return g_plain, f_plain, rel, xp.isfinite(rel)  # (all True)
+
+    def general() -> tuple[Any, Any, Any, Any]:
+        g_norm = robust_norm(xp, g, branch, g_plain)
+        f_norm = robust_norm(xp, fz, branch, f_plain)
+        finite = xp.isfinite(g_norm) & xp.isfinite(f_norm)
+        return g_norm, f_norm, relative(xp, g_norm, f_norm), finite
+
+    if branch is None:
+        g_norm, f_norm, rel, finite = general()
+    else:
+        within = xp.all((xp.minimum(g_plain, f_plain) >= lo) & (xp.maximum(g_plain, f_plain) <= hi))
+        g_norm, f_norm, rel, finite = branch(within, accurate, general)
     ratio = rule_ratio(xp, g_norm, f_norm, rel, tol, atol, floor, z)
-    finite = xp.isfinite(g_norm) & xp.isfinite(f_norm)
     return Measures(g, g_norm, f_norm, rel, ratio, finite)
 
 
 def runaway(
-    xp: Any, z: Any, m: Measures, z0: Any, g0: Any, tol: float, atol: float, eager: bool = False
+    xp: Any,
+    z: Any,
+    m: Measures,
+    z0: Any,
+    g0: Any,
+    tol: float,
+    atol: float,
+    branch: Branch[Any] | None = None,
 ) -> Any:
     """Where the determinacy test fails (see the module docstring), per sample.
 
     ``||g|| * ||z - z0|| / (||f(z)|| + atol/tol) > ||g - g0||``. False where ``z = z0`` or
     ``g = 0`` (nothing to estimate / an exact fixed point) and on NaN.
     """
-    dz = robust_norm(xp, z - z0, eager)
-    dg = robust_norm(xp, m.g - g0, eager)
+    dz = robust_norm(xp, z - z0, branch)
+    dg = robust_norm(xp, m.g - g0, branch)
     ok, scale = _safe(xp, m.f_norm + atol / tol if atol else m.f_norm)
     # (where the scale is 0 the residual test failed anyway, unless g = 0: no estimate)
     moved = xp.where(ok & (dz > 0), dz / scale, xp.zeros_like(dz))
