@@ -54,9 +54,10 @@ _T = TypeVar("_T")
 #: ``branch(pred, then, otherwise)``: ``then()`` where the 0-d boolean ``pred`` holds, else
 #: ``otherwise()`` (both return the same structure). The drivers pass one where arrays allow
 #: it -- :func:`host_branch` on eager backends, ``lax.cond`` under JAX -- so work that cannot
-#: change the result (a scaled norm where every plain one is accurate, the determinacy test
-#: where no sample newly meets the residual test) is skipped; without one (``None``) every
-#: quantity is computed and selected per sample (the same values, bit for bit).
+#: change the result (a scaled norm where every plain one is accurate; in the loop's record,
+#: the determinacy test where no sample newly meets the residual test and the frozen copies
+#: where every evaluation is finite) is skipped; without one (``None``) every quantity is
+#: computed and selected per sample (the same values, bit for bit).
 Branch = Callable[[Any, Callable[[], _T], Callable[[], _T]], _T]
 
 
