@@ -49,6 +49,7 @@ from .measure import (
     host_branch,
     limits,
     measure,
+    nested,
     plain_norm,
     rule_ratio,
     runaway,
@@ -205,7 +206,7 @@ def record(
     diverged = m.finite & grew(xp, m.g_norm, state.g_limit)
 
     def with_runaway() -> Any:
-        away = runaway(xp, z, m, state.z0, state.g0, rule.tol, rule.atol, branch)
+        away = runaway(xp, z, m, state.z0, state.g0, rule.tol, rule.atol, nested(branch))
         return diverged | (claims & away)
 
     if branch is None:

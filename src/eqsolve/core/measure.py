@@ -65,6 +65,15 @@ def host_branch(pred: Any, then: Callable[[], _T], otherwise: Callable[[], _T]) 
     """:data:`Branch` of the eager backends: one host read of ``pred``, one branch run."""
     return then() if bool(pred) else otherwise()
 
+
+def nested(branch: Branch[Any] | None) -> Branch[Any] | None:
+    """The :data:`Branch` for work inside a branch that is rarely taken: eagerly the same
+    (a host read is cheap), under a trace none. Each ``lax.cond`` is traced, transformed and
+    compiled apart: with the nested ones a jitted jvp + jacrev + Hessian program of the
+    tests' tanh cell took 25-45% longer to lower than without any, for work that only the
+    rare branch does."""
+    return branch if branch is host_branch else None
+
 #: a residual this many times larger than the initial one is reported as DIVERGED
 RESIDUAL_GROWTH = 1e10
 
@@ -204,8 +213,8 @@ def measure(
         return g_plain, f_plain, rel, xp.isfinite(rel)  # (all True)
 
     def general() -> tuple[Any, Any, Any, Any]:
-        g_norm = robust_norm(xp, g, branch, g_plain)
-        f_norm = robust_norm(xp, fz, branch, f_plain)
+        g_norm = robust_norm(xp, g, nested(branch), g_plain)
+        f_norm = robust_norm(xp, fz, nested(branch), f_plain)
         finite = xp.isfinite(g_norm) & xp.isfinite(f_norm)
         return g_norm, f_norm, relative(xp, g_norm, f_norm), finite
 
