@@ -226,3 +226,15 @@ def test_default_filter_shows_the_warning_of_each_call_site():
     # the loop's line warns once (the default filter), the second call site once more
     assert len(lines) == 2 and lines[0] != lines[1], out.stderr
     assert all(ln.startswith("<string>:") for ln in lines), out.stderr
+
+
+@pytest.mark.parametrize("name", ["backward", "on_backward", "f_dtype"])
+def test_solve_says_gradient_keywords_belong_to_fixed_point(backend, name):
+    """``solve`` computes no gradient: a keyword of the gradient is refused by name, and the
+    message neither lists it among solve's keywords nor suggests it for itself."""
+    f = Counting(lambda z: 0.5 * z)
+    with pytest.raises(TypeError, match=rf"solve\(\) got an unexpected keyword argument "
+                                        rf"'{name}': it computes no gradient; fixed_point") as e:
+        eqsolve.solve(f, from_numpy(np.zeros((2, 3)), backend), **{name: "anderson"})
+    assert "did you mean" not in str(e.value)
+    assert f.calls == 0

@@ -83,7 +83,7 @@ def fixed_point(
             f"{', '.join(torch_only)} apply only to solves on PyTorch (z0 a torch.Tensor or "
             "backend='torch')"
         )
-    check_keywords(solver, solver_options, "fixed_point")
+    check_keywords(solver, solver_options, "fixed_point", ("backward",))
     return solve(
         f, z0, solver=solver, tol=tol, atol=atol, max_iter=max_iter, batch_axis=batch_axis,
         backend=backend, on_failure=on_failure, sync_stop=sync_stop, states=states,

@@ -24,14 +24,16 @@ from ..core.structure import BatchAxis, structure_of
 from ..core.validation import check_arguments, check_f_output, check_state_arrays, check_states
 from .reporting import report_coupling, report_failures
 
-__all__ = ["ENTRY_KEYWORDS", "check_keywords", "solve", "solve_state"]
+__all__ = ["ENTRY_KEYWORDS", "GRADIENT_KEYWORDS", "check_keywords", "solve", "solve_state"]
 
-#: the keyword arguments of the entry points, for "did you mean" hints
+#: the keyword arguments every entry point takes, for "did you mean" hints (the
+#: differentiable ones add theirs, GRADIENT_KEYWORDS, as ``extra``)
 ENTRY_KEYWORDS: tuple[str, ...] = (
     "solver", "tol", "atol", "max_iter", "batch_axis", "backend", "on_failure", "sync_stop",
     "states",
-    "backward", "f_dtype", "on_backward",
 )
+#: the keywords of the gradient: ``fixed_point`` and ``DEQ`` take them, ``solve`` does not
+GRADIENT_KEYWORDS: tuple[str, ...] = ("backward", "f_dtype", "on_backward")
 
 
 def check_keywords(
@@ -52,6 +54,12 @@ def check_keywords(
     for name in options:
         if name in valid:
             continue
+        if name in GRADIENT_KEYWORDS and name not in keywords:
+            raise TypeError(
+                f"{entry}() got an unexpected keyword argument {name!r}: it computes no "
+                "gradient; fixed_point takes it (eqsolve.fixed_point, eqsolve.torch."
+                "fixed_point, eqsolve.jax.fixed_point)"
+            )
         alias = _ALIASES.get(name)
         close = difflib.get_close_matches(name, keywords, n=1, cutoff=0.75)
         guess = alias if alias in keywords else (close[0] if close else None)

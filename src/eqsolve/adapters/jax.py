@@ -85,7 +85,7 @@ from ..core.solution import Solution, Status
 from ..core.solver_base import FixedPointSolver
 from ..core.structure import BatchAxis, structure_of
 from ..core.validation import check_arguments, check_state_arrays, check_states
-from .array import check_keywords
+from .array import GRADIENT_KEYWORDS, check_keywords
 from .backward import (
     ADJOINT_METHODS,
     Backward,
@@ -97,9 +97,6 @@ from .shine import solve_for
 
 #: every accepted ``backward=`` shorthand
 BACKWARD_METHODS: tuple[str, ...] = (*ADJOINT_METHODS, "phantom", "jfb", "shine")
-#: keywords of :func:`fixed_point` beyond those of :func:`eqsolve.solve`
-_JAX_KEYWORDS = ("backward", "f_dtype", "on_backward")
-
 
 def fixed_point(
     f: Callable[..., Any],
@@ -214,7 +211,7 @@ def fixed_point(
     """
     spec = backward_spec(backward, pop_legacy(solver_options), solver=solver)
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
-    check_keywords(solver, solver_options, "fixed_point", _JAX_KEYWORDS)
+    check_keywords(solver, solver_options, "fixed_point", GRADIENT_KEYWORDS)
     record_at = check_states(states, max_iter)
     on_backward = check_on_backward(on_backward)
     sync_axes(sync_stop)  # validates; the reduction is traced inside the loop

@@ -85,7 +85,7 @@ from ..core.solution import Solution
 from ..core.solver_base import FixedPointSolver, make_solver
 from ..core.structure import BatchAxis, Structure, leaves_of, structure_of, tree_map
 from ..core.validation import check_arguments, check_states
-from .array import check_keywords
+from .array import GRADIENT_KEYWORDS, check_keywords
 from .backward import (
     ADJOINT_METHODS,
     JFB,
@@ -115,9 +115,6 @@ __all__ = ["ADJOINT_METHODS", "BACKWARD_METHODS", "DEQ", "fixed_point"]
 
 #: every accepted ``backward=`` shorthand (``None`` too: no gradient)
 BACKWARD_METHODS: tuple[str, ...] = (*ADJOINT_METHODS, "phantom", "jfb", "shine")
-
-#: keywords of :func:`fixed_point` beyond those of :func:`eqsolve.solve`
-_TORCH_KEYWORDS = ("backward", "f_dtype", "on_backward")
 
 
 class _AdjointLink:
@@ -302,7 +299,7 @@ def fixed_point(
     check_sync_stop(sync_stop)
     f_dtype = check_f_dtype(f_dtype)
     check_arguments(f, tol, atol, max_iter, on_failure, batch_axis)
-    check_keywords(solver, solver_options, "fixed_point", _TORCH_KEYWORDS)
+    check_keywords(solver, solver_options, "fixed_point", GRADIENT_KEYWORDS)
     for i, leaf in enumerate(leaves_of(z0)):
         if not isinstance(leaf, torch.Tensor):
             where = "z0" if not isinstance(z0, (tuple, list)) else f"z0[{i}]"
@@ -461,7 +458,7 @@ class DEQ(nn.Module):
         super().__init__()
         spec = backward_spec(backward, pop_legacy(solver_options), solver=solver)
         check_arguments(lambda z: z, tol, atol, max_iter, on_failure, batch_axis)  # f comes later
-        check_keywords(solver, solver_options, "DEQ", _TORCH_KEYWORDS)
+        check_keywords(solver, solver_options, "DEQ", GRADIENT_KEYWORDS)
         check_sync_stop(sync_stop)
         check_f_dtype(f_dtype)
         make_solver(solver, dict(solver_options))
