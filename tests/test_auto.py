@@ -87,3 +87,41 @@ def test_decision_is_per_sample(backend):
 def test_start_ratio_is_checked():
     with pytest.raises(ValueError, match="start_ratio"):
         eqsolve.AutoAnderson(start_ratio=0.0)
+
+
+@pytest.mark.parametrize("m", [1, 3, 5])
+@pytest.mark.parametrize("start", [1, 2, 7])
+def test_eager_plain_phase_writes_the_same_history(m, start):
+    """Eagerly, while no sample has started, the history is kept by reference and written at
+    the first start (one Gram product); under a trace it is written every step. Both give the
+    same ring, Gram matrix and started samples (numpy, the traced path taken with ``k`` a 0-d
+    array), at scales where plain squares would overflow or underflow."""
+    xp = eqsolve.backends.get_backend("numpy").xp
+    solver = eqsolve.AutoAnderson(m=m)
+    rng = np.random.default_rng(start)
+    B, n = 4, 6
+    scale = np.array([1e-160, 1.0, 1e150, 3.0])[:, None]
+    z, g = rng.standard_normal((B, n)) * scale, rng.standard_normal((B, n)) * scale
+    lazy, ring = solver.init(xp, z, g), solver.init(xp, z.copy(), g.copy())
+    for k in range(9):
+        # residuals shrink 50x per step; at step `start` sample 1 (and from step 7 on,
+        # sample 2) shrinks by less than start_ratio = 0.4
+        shrink = np.full((B, 1), 0.02)
+        shrink[1] = 0.9 if k + 1 >= start else 0.02
+        shrink[2] = 0.9 if k + 1 >= 7 else 0.02
+        z_new = z + g
+        g_new = rng.standard_normal((B, n)) * scale * shrink ** (k + 1)
+        lazy = solver.update(xp, lazy, z, g, z_new, g_new, k)
+        ring = solver.update(xp, ring, z, g, z_new, g_new, np.asarray(k))
+        z, g = z_new, g_new
+        np.testing.assert_array_equal(lazy.started, ring.started)
+        assert (lazy.pending is None) == bool(np.any(ring.started)), k
+        if lazy.pending is None:
+            np.testing.assert_array_equal(lazy.F, ring.F)
+            np.testing.assert_array_equal(lazy.G, ring.G)
+            np.testing.assert_allclose(lazy.H, ring.H, rtol=1e-13, atol=0)
+        proposal = solver.propose(xp, lazy, z, g, k + 1)
+        np.testing.assert_allclose(
+            proposal, solver.propose(xp, ring, z, g, np.asarray(k + 1)), rtol=1e-9, atol=0
+        )
+    assert lazy.pending is None and list(lazy.started) == [False, True, True, False]

@@ -21,9 +21,12 @@ already in the ring. The value was chosen on the benchmark problems (f-evaluatio
 float64): ``tanh`` (per-step ratio at most 0.37) needs 18 with every value from 0.3 to 0.6
 and stays plain from 0.4 up; ``digits`` needs 20 (= Anderson) with 0.3 or 0.4, 25 with 0.5
 and 33 with 0.6; ``sym`` needs 56 (= Anderson) throughout. On eager
-backends, while no sample has started, the step is exactly plain iteration plus the history
-writes (the mixing is not computed at all); under ``jax.jit`` both branches are traced and
-selected per sample.
+backends, while no sample has started, the step is exactly plain iteration plus one scaled
+squared norm per sample and one host read: the plain steps' points and residuals are kept by
+reference (no copy) and written into the ring, with the Gram matrix in one product, at the
+step where the first sample starts (:meth:`AutoAnderson.update`). Under ``jax.jit`` the ring
+and the Gram matrix are written every step, and both branches are traced and selected per
+sample.
 
 References:
     C. Evans, S. Pollock, L. G. Rebholz, M. Xiao, "A proof that Anderson acceleration
@@ -38,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ._xp import set_at
 from .anderson import Anderson, AndersonState
 from .solver_base import check_positive, damped_step, register
 
@@ -54,6 +58,11 @@ class AutoState(NamedTuple):
     H: Any  # (B, m, m)
     inv_scale: Any  # (B,)
     started: Any  # (B,) bool: this sample mixes (it has seen a slow step)
+    # eagerly, while no sample has started: the history not yet in F, G, H, as a tuple of
+    # (slot, z_new, g_new, scaled squared norm of g_new), oldest first, at most m entries;
+    # None once written (from the first started sample on). Under a trace always () and
+    # unused: the ring is written every step there.
+    pending: Any = ()
 
 
 @register
@@ -76,9 +85,11 @@ class AutoAnderson(Anderson):
         s = super().init(xp, z, g)
         # from z, so it has z's batch layout (sharding, shard_map varying axes)
         started = xp.zeros_like(z[:, 0], dtype=xp.bool)
-        return AutoState(s.F, s.G, s.H, s.inv_scale, started)
+        return AutoState(s.F, s.G, s.H, s.inv_scale, started, ())
 
     def propose(self, xp: Any, state: Any, z: Any, g: Any, k: Any) -> Any:
+        if isinstance(k, int) and state.pending is not None:  # eagerly, no sample started
+            return damped_step(z, g, self.beta)
         if isinstance(k, int):  # eagerly, one host read decides how much mixing to compute
             batch = int(state.started.shape[0])
             count = int(xp.sum(xp.astype(state.started, xp.int32)))
@@ -109,6 +120,17 @@ class AutoAnderson(Anderson):
         return xp.where(state.started[:, None], spread, damped_step(z, g, self.beta))
 
     def update(self, xp: Any, state: Any, z: Any, g: Any, z_new: Any, g_new: Any, k: Any) -> Any:
+        """Record ``(z_new, g_new)`` and start the samples whose residual shrank by less than
+        ``start_ratio``: ``||g_new|| > start_ratio ||g||`` in the scaled norms of the ring.
+
+        Eagerly, while no sample has started (``state.pending`` not None), nothing is
+        written: the new point is kept by reference with its scaled squared norm, and one
+        host read tells whether some sample starts now. At that step the kept points go into
+        the ring and the Gram matrix is computed whole (:meth:`_write_pending`); from then on
+        (and always under a trace) every step writes the ring as Anderson does.
+        """
+        if isinstance(k, int) and state.pending is not None:
+            return self._update_plain(xp, state, z_new, g_new, k)
         # squared residual norms of the newest history entry before (slot k % m) and after
         # (slot (k + 1) % m) this update: the Gram diagonal holds them. The bound is computed
         # first, as a new array: on eager backends the update writes the buffers in place
@@ -117,8 +139,34 @@ class AutoAnderson(Anderson):
         bound = (self.start_ratio * self.start_ratio) * state.H[:, prev, prev]
         s = super().update(xp, _anderson(state), z, g, z_new, g_new, k)
         slow = s.H[:, slot, slot] > bound
-        return AutoState(s.F, s.G, s.H, s.inv_scale, state.started | slow)
+        return AutoState(s.F, s.G, s.H, s.inv_scale, state.started | slow, state.pending)
 
+    def _update_plain(self, xp: Any, state: Any, z_new: Any, g_new: Any, k: int) -> Any:
+        """The eager update while no sample has started (see :meth:`update`)."""
+        scaled = g_new * state.inv_scale[:, None]
+        sq = xp.vecdot(scaled, scaled)  # the Gram diagonal entry the ring would hold
+        # the newest entry's squared norm: the last kept one, or slot 0's (written by init)
+        sq_prev = state.pending[-1][3] if state.pending else state.H[:, 0, 0]
+        slow = sq > (self.start_ratio * self.start_ratio) * sq_prev
+        pending = (*state.pending, ((k + 1) % self.m, z_new, g_new, sq))[-self.m :]
+        if not bool(xp.any(slow)):
+            return state._replace(pending=pending)
+        F, G, H = self._write_pending(xp, state, pending)
+        return AutoState(F, G, H, state.inv_scale, slow, None)
+
+    def _write_pending(self, xp: Any, state: Any, pending: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+        """The ring and Gram matrix Anderson's updates would have written for ``pending``.
+
+        Each kept point goes to its slot as :meth:`Anderson.update` writes it (``F = z + g``,
+        ``G = g / ||g_0||``); slots no kept point reaches hold what they held (``init``'s
+        first entry, or zeros). The Gram matrix of the whole ring is one product (zero rows
+        for unused slots, as in the ring), equal to the row-by-row one up to rounding.
+        """
+        F, G = state.F, state.G
+        for slot, z_i, g_i, _ in pending:
+            F = set_at(F, (slice(None), slot, ...), z_i + g_i)
+            G = set_at(G, (slice(None), slot, ...), g_i * state.inv_scale[:, None])
+        return F, G, xp.matmul(G, xp.matrix_transpose(G))
 
 def _anderson(state: AutoState) -> AndersonState:
     return AndersonState(state.F, state.G, state.H, state.inv_scale)
