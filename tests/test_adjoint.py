@@ -345,8 +345,8 @@ def test_gmres_under_jit():
 
 
 def _count_shared_loop_steps(monkeypatch, calls: dict) -> None:
-    """Count the eager driver's steps (general and all-active ones) in ``calls["loop_step"]``."""
-    for name in ("loop_step", "loop_step_all_active"):
+    """Count the eager driver's steps (general and eager ones) in ``calls["loop_step"]``."""
+    for name in ("loop_step", "loop_step_eager"):
         step = getattr(eqsolve.core.driver, name)
 
         def counting(*args, _step=step, **kwargs):

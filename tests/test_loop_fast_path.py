@@ -1,10 +1,13 @@
-"""The eager driver's all-active step gives the general step's result bit for bit.
+"""The eager driver's quiet steps give the general step's result bit for bit.
 
-``run_python_loop`` takes :func:`loop_step_all_active` while every sample is active. Here
-the same solve runs once through that driver and once through the general ``loop_step``
-only, and every field of the final state must be identical, including on batches where
-samples stop at different steps, where one sample turns NaN, and where the residual does
-not decrease monotonically (the best-iterate bookkeeping is then exercised).
+``run_python_loop`` takes :func:`loop_step_eager`, whose quiet step skips the per-sample
+bookkeeping, both while every sample is active and after some have stopped. Here the same
+solve runs once through that driver and once through the general ``loop_step`` only, and
+every field of the final state must be identical, including on batches where samples stop at
+different steps, where one sample turns NaN, where the residual does not decrease
+monotonically (the best-iterate bookkeeping is then exercised), and where ``f`` couples the
+samples or changes between calls, so that a stopped sample's rule stops holding at its
+parked point, or starts holding at the parked point of a sample stopped by NaN.
 """
 
 from __future__ import annotations
@@ -41,8 +44,25 @@ def _fields(state) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("case", ["spread", "nan", "nonmonotone"])
-@pytest.mark.parametrize("solver_name", ["picard", "anderson", "broyden"])
+def _changing(xp, z, out, calls, backend):
+    """A map that changes between calls (tol 1e-10): from the 3rd call sample 0 maps z to
+    z (1 + 5e-11), so it stops CONVERGED at once, and from the 13th to z (1 + 1.2e-10): its
+    rule fails by 20% at its parked point. Sample 2 is NaN at the 5th call (stopped
+    NONFINITE) and from the 9th maps z to z (1 + 5e-11): its rule holds where it is parked."""
+    scale = np.ones((6, 1))
+    rows = np.zeros((6, 1))
+    if calls >= 2:
+        rows[0], scale[0] = 1, 1 + (1.2e-10 if calls >= 12 else 5e-11)
+    if calls == 4:
+        scale[2] = np.nan
+    if calls >= 8:
+        rows[2], scale[2] = 1, 1 + 5e-11
+    rows, scale = from_numpy(rows, backend), from_numpy(scale, backend)
+    return xp.where(rows > 0, z * scale, out * scale)
+
+
+@pytest.mark.parametrize("case", ["spread", "nan", "nonmonotone", "coupled", "changing"])
+@pytest.mark.parametrize("solver_name", ["picard", "anderson", "broyden", "auto"])
 @pytest.mark.parametrize(
     "backend",
     EAGER or [pytest.param("none", marks=pytest.mark.skip(reason="no eager backend selected"))],
@@ -62,6 +82,10 @@ def test_all_active_step_matches_general_step(backend, solver_name, case):
 
     def f(z):
         out = xp.tanh(z @ W + inj)
+        if case == "coupled":  # every sample sees the batch mean: parked samples drift
+            out = out + 1e-9 * xp.mean(z, axis=0, keepdims=True)
+        if case == "changing":
+            out = _changing(xp, z, out, int(k[0]), backend)
         if case == "nan" and int(k[0]) >= 4:  # sample 2 turns NaN at the 5th evaluation
             out = out + from_numpy(nan_row, backend)
         k[0] += 1

@@ -17,7 +17,7 @@ from .loop import (
     StopRule,
     loop_init,
     loop_step,
-    loop_step_all_active,
+    loop_step_eager,
     needs_verification,
     settle_all_active,
     verify,
@@ -37,19 +37,16 @@ def run_python_loop(
 ) -> LoopState:
     """Iterate ``loop_step`` while some sample is active and ``k < max_iter``.
 
-    Reading ``any(active)`` is one host sync per iteration, which is free on the CPU. While
-    every sample is active, :func:`loop_step_all_active` takes the step: the same result
-    without the per-sample selections.
+    One host read per iteration (which is almost free on the CPU) tells whether the step was
+    quiet (:func:`~eqsolve.core.loop.loop_step_eager`: the same result without the
+    per-sample selections); only after another step are ``any(active)`` and ``all(active)``
+    read again.
     """
     state = loop_init(xp, f, z0, solver, rule, host_branch)
     all_active = bool(xp.all(state.active))
-    while state.k < rule.max_iter:
-        if all_active:
-            state, all_active = loop_step_all_active(xp, f, state, solver, rule)
-        elif bool(xp.any(state.active)):
-            state = loop_step(xp, f, state, solver, rule)
-        else:
-            break
+    any_active = all_active or bool(xp.any(state.active))
+    while state.k < rule.max_iter and any_active:
+        state, all_active, any_active = loop_step_eager(xp, f, state, solver, rule, all_active)
     if all_active:
         state = settle_all_active(xp, state)
     if bool(xp.any(needs_verification(xp, state))):

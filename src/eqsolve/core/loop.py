@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 from ._xp import device_of
 from .measure import (
     Branch,
+    Measures,
     grew,
     growth_limit,
     host_branch,
@@ -300,24 +301,41 @@ def verify(
     return out._replace(active=out.status == _MAX_ITER)
 
 
-def loop_step_all_active(
-    xp: Any, f: Callable[[Any], Any], state: LoopState, solver: FixedPointSolver, rule: StopRule
-) -> tuple[LoopState, bool]:
-    """:func:`loop_step` for eager backends while every sample is active.
+def loop_step_eager(
+    xp: Any,
+    f: Callable[[Any], Any],
+    state: LoopState,
+    solver: FixedPointSolver,
+    rule: StopRule,
+    all_active: bool,
+) -> tuple[LoopState, bool, bool]:
+    """:func:`loop_step` for eager backends, with shortcuts for the usual steps.
 
-    Returns the new state and whether every sample is still active.
+    Returns the new state, whether every sample is still active and whether some sample is.
+    ``all_active``: every sample has been active at every step so far (the driver's first
+    stretch; ``iterations`` is then left for :func:`settle_all_active`).
 
-    Same result, bit for bit, with the bookkeeping that only matters once a sample stops
-    skipped (``iterations`` is brought up to date by :func:`settle_all_active`). The common
-    step (every sample finite with accurately representable norms, none meeting the
-    residual test, none diverging, every rule ratio below its best) needs no ``(B, n)``
-    selection at all: nothing is parked, the best iterate *is* ``z``, and the
-    solver records ``z`` and ``g`` as they are. One host read decides; any other step goes
-    through :func:`record`, reusing the same ``f(z)`` (``f`` is still called once). On this
-    project's ``tanh`` problem this cut the eager time outside ``f`` per step several-fold
-    (see the benchmark); under JAX the general step is traced instead.
+    Same result as :func:`loop_step`, bit for bit. The usual step has every sample finite
+    with accurately representable norms, no active sample diverging and every active rule
+    ratio below its best, and every stopped sample CONVERGED and still meeting the residual
+    test at the returned point it is parked at. Then the best iterate *is* the evaluated
+    point (a parked sample's point is its returned one), and the solver records ``z`` and
+    ``g`` as they are: no ``(B, n)`` selection beyond the parking. Two kinds:
+
+    * *quiet*: no active sample meets the residual test; nothing changes but the iterate.
+      One host read decides.
+    * *stopping*: some active samples meet it and pass the determinacy test; they become
+      CONVERGED. Two more reads (the determinacy test's) decide.
+
+    Any other step goes through :func:`record`, reusing the same ``f(z)`` (``f`` is still
+    called once). Where samples stop at different steps (a DEQ's forward and adjoint solves
+    end so), :func:`record` took five times the operations of a quiet step. Under JAX the
+    general step is traced instead.
     """
-    z = solver.propose(xp, state.solver, state.z, state.g, state.k)
+    if all_active:
+        z = solver.propose(xp, state.solver, state.z, state.g, state.k)
+    else:
+        z = propose_point(xp, state, solver)
     fz = f(z)
     g = fz - z
     lo, _ = limits(xp, z.dtype)
@@ -326,36 +344,88 @@ def loop_step_all_active(
     # rows with both norms >= lo (so > 0) are measure()'s values bit for bit, if also below
     # the upper limit; that one needs no test of its own: a norm beyond it is inf (the sum of
     # squares overflowed), and then the ratio is 0, inf or NaN, which the ratio tests reject
-    rel = g_norm / f_norm
+    # (1 < q < best for active samples, 0 < q <= 1 for the others). A parked sample may sit
+    # at an exact zero fixed point (a zero cotangent): no 0/0 there (rows with ||f|| < lo
+    # fail the test anyway, so their quotient does not matter)
+    rel = g_norm / (f_norm if all_active else xp.maximum(f_norm, lo))
     ratio = rule_ratio(xp, g_norm, f_norm, rel, rule.tol, rule.atol, rule.floor, z)
-    ok = (
-        (xp.minimum(g_norm, f_norm) >= lo)
-        & (ratio > 1)
-        & (ratio < state.best_ratio)
-        & within_growth(xp, g_norm, state.g_limit)  # (a NaN g_norm failed `ratio > 1`)
-    )
-    if not bool(xp.all(ok)):
+    usual = (xp.minimum(g_norm, f_norm) >= lo) & within_growth(xp, g_norm, state.g_limit)
+    below = ratio < state.best_ratio
+    meets = None if all_active else (ratio <= 1) & (ratio > 0)  # the residual test holds
+    parked = None if meets is None else meets & (state.status == _CONVERGED)
+    quiet = usual & _by_activity(xp, state, (ratio > 1) & below, parked)
+    if bool(xp.all(quiet)):
+        new = _usual_step(xp, state, solver, z, g, rel, ratio, quiet, all_active)
+        return trace_iterates(xp, new, rule), all_active, True
+    stopping = usual & _by_activity(xp, state, (ratio > 0) & below, parked)
+    if bool(xp.all(stopping)):
+        # active rows meeting the test (below their best ratio, which is > 1 for an active
+        # sample) claim convergence, as in record(); the determinacy test decides
+        claims = (ratio <= 1) & (ratio > 0) if meets is None else state.active & meets
+        m = Measures(g, g_norm, f_norm, rel, ratio, stopping)
+        away = runaway(xp, z, m, state.z0, state.g0, rule.tol, rule.atol, host_branch)
+        if not bool(xp.any(claims & away)):
+            new = _usual_step(xp, state, solver, z, g, rel, ratio, stopping, all_active, claims)
+            return trace_iterates(xp, new, rule), False, bool(xp.any(new.active))
+    if all_active:
         state = settle_all_active(xp, state)
-        new = trace_iterates(xp, record(xp, state, solver, rule, z, fz), rule)
-        return new, bool(xp.all(new.active))
-    fast = state._replace(
+    new = trace_iterates(xp, record(xp, state, solver, rule, z, fz), rule)
+    # the all-active stretch never resumes: settle_all_active counts from k = 0
+    all_now = all_active and bool(xp.all(new.active))
+    return new, all_now, all_now or bool(xp.any(new.active))
+
+
+def _by_activity(xp: Any, state: LoopState, active_rows: Any, parked_rows: Any) -> Any:
+    """``active_rows`` where the sample is active, else ``parked_rows`` (None: all active)."""
+    if parked_rows is None:
+        return active_rows
+    return xp.where(state.active, active_rows, parked_rows)
+
+
+def _usual_step(
+    xp: Any,
+    state: LoopState,
+    solver: FixedPointSolver,
+    z: Any,
+    g: Any,
+    rel: Any,
+    ratio: Any,
+    every: Any,
+    all_active: bool,
+    claims: Any = None,
+) -> LoopState:
+    """The state after a quiet or stopping step of :func:`loop_step_eager` (``claims``:
+    the samples that stop CONVERGED; ``every``: an all-True ``(B,)`` array)."""
+    status, active = state.status, state.active
+    if claims is None and all_active:
+        iterations = state.iterations  # left for settle_all_active
+    else:
+        if all_active:
+            state = settle_all_active(xp, state)
+        iterations = state.iterations + xp.astype(active, state.iterations.dtype)
+    if claims is not None:
+        status = xp.where(claims, _full(xp, status, _CONVERGED), status)
+        active = active & ~claims
+    return state._replace(
         z=z,
         g=g,
         best_z=z,
         best_res=rel,
         best_ratio=ratio,
-        at_best=ok,  # all True
-        k=state.k + 1,  # `iterations` left for settle_all_active
+        at_best=every,
+        active=active,
+        status=status,
+        iterations=iterations,
+        k=state.k + 1,
         solver=solver.update(xp, state.solver, state.z, state.g, z, g, state.k),
     )
-    return trace_iterates(xp, fast, rule), True
 
 
 def settle_all_active(xp: Any, state: LoopState) -> LoopState:
     """``state`` with its per-sample ``iterations`` brought up to date after fast steps.
 
     While every sample is active each step counts for every sample, so there
-    ``iterations == k``: :func:`loop_step_all_active` leaves the array as it was and this
+    ``iterations == k``: :func:`loop_step_eager` leaves the array as it was and this
     sets it, once, when the all-active stretch ends (the driver calls it where the loop ends
     inside that stretch).
     """
