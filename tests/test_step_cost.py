@@ -23,10 +23,11 @@ TORCH = pytest.mark.skipif(
 
 #: upper bounds on non-view ATen operations per step, beyond f's own (on this problem some
 #: samples of "auto" mix and some do not: it costs Anderson's step plus the plain one and the
-#: selection between them)
-BOUNDS = {"picard": 16, "anderson": 37, "auto": 45}
-#: the counts on the same problem before issue 12's first changes (main of 2026-12-01)
-BEFORE = {"picard": 28, "anderson": 72, "auto": 79}
+#: selection between them; "auto (plain phase)": with a start_ratio that keeps it plain)
+BOUNDS = {"picard": 16, "anderson": 37, "auto": 45, "auto (plain phase)": 23}
+#: the counts on the same problem before issue 12's first changes (main of 2026-12-01; the
+#: plain phase: main of 2026-12-02, which wrote the Anderson ring at every plain step)
+BEFORE = {"picard": 28, "anderson": 72, "auto": 79, "auto (plain phase)": 29}
 
 _VIEWS = {
     "view", "_unsafe_view", "t", "transpose", "select", "slice", "unsqueeze", "squeeze",
@@ -66,6 +67,8 @@ def test_operations_per_step(solver):
         return torch.tanh(z @ Wt + x)
 
     z0 = torch.zeros(8, 32, dtype=torch.float64)
+    if solver == "auto (plain phase)":  # a start_ratio no step exceeds: it never mixes
+        solver = eqsolve.AutoAnderson(start_ratio=1e9)
     with torch.no_grad():
         # warm-up: constants the solvers cache on first use are not a per-step cost
         eqsolve.solve(f, z0, solver=solver, tol=1e-30, max_iter=20, on_failure="ignore")
@@ -80,8 +83,48 @@ def test_operations_per_step(solver):
                 eqsolve.solve(f, z0, solver=solver, tol=1e-30, max_iter=steps, on_failure="ignore")
             totals[steps] = sum(c.ops.values())
     per_step = (totals[20] - totals[10]) / 10 - per_f
-    assert per_step <= BOUNDS[solver], (solver, per_step)
-    assert per_step < BEFORE[solver]
+    name = solver if isinstance(solver, str) else "auto (plain phase)"
+    assert per_step <= BOUNDS[name], (name, per_step)
+    assert per_step < BEFORE[name]
+
+
+#: bounds on the mean operations per step beyond f's own while samples stop at different
+#: steps (the end of every DEQ solve), and the counts before the eager step covered it
+#: (main of 2026-12-02: each such step went through record())
+STOPPING_BOUNDS = {"picard": 38, "anderson": 63, "auto": 58}
+STOPPING_BEFORE = {"picard": 52, "anderson": 73, "auto": 74}
+
+
+@TORCH
+@pytest.mark.parametrize("solver", sorted(STOPPING_BOUNDS))
+def test_operations_per_step_while_samples_stop(solver):
+    import torch
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((32, 32))
+    W *= 0.9 / np.linalg.norm(W, 2)
+    Wt, x = torch.tensor(W.T.copy()), torch.tensor(rng.standard_normal((8, 32)))
+    # per-sample contraction 0.2 ... 0.9: the samples stop over the second half of the solve
+    s = torch.linspace(0.2, 0.9, 8, dtype=torch.float64)[:, None]
+
+    def f(z):
+        return torch.tanh(s * (z @ Wt) + x)
+
+    z0 = torch.zeros(8, 32, dtype=torch.float64)
+    with torch.no_grad():
+        eqsolve.solve(f, z0, solver=solver, tol=1e-10, max_iter=200)  # warm-up
+        one = _counter()
+        with one:
+            f(z0)
+        c = _counter()
+        with c:
+            sol = eqsolve.solve(f, z0, solver=solver, tol=1e-10, max_iter=200)
+    iterations = to_numpy(sol.iterations)
+    assert bool(to_numpy(sol.converged).all()) and len(set(iterations.tolist())) >= 5
+    nfev = int(sol.nfev)
+    per_step = (sum(c.ops.values()) - nfev * sum(one.ops.values())) / nfev
+    assert per_step <= STOPPING_BOUNDS[solver], (solver, per_step)
+    assert per_step < STOPPING_BEFORE[solver]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
