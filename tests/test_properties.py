@@ -127,3 +127,34 @@ def test_batch_invariance_property(solver, case, z0_scale):
         assert one.iterations[0] == full.iterations[b]
         assert one.status[0] == full.status[b]
         assert one.nfev == 1 + full.iterations[b]
+
+
+@pytest.mark.parametrize("atol", [0.0, 1e-3])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    log_scale=st.floats(-60.0, 60.0),
+    log_step=st.floats(-12.0, 2.0),
+)
+@FAST
+def test_determinacy_test_shortcut_agrees_on_accurate_rows(atol, seed, log_scale, log_step):
+    """``runaway(..., accurate=True)`` (the eager step's form, without the guards for zero,
+    NaN and inf rows) gives the guarded test's answer on every row it is used on: finite
+    points and norms, ``||f(z)|| > 0``; rows with ``z = z0`` or ``g = g0`` included."""
+    from eqsolve.core.measure import Measures, plain_norm, runaway
+
+    xp = eqsolve.backends.get_backend("numpy").xp
+    rng = np.random.default_rng(seed)
+    B, n = 6, 5
+    scale, step = 10.0**log_scale, 10.0**log_step
+    z0 = rng.standard_normal((B, n)) * scale
+    g0 = rng.standard_normal((B, n)) * scale
+    z = z0 + step * scale * rng.standard_normal((B, n))
+    g = g0 * rng.uniform(0.0, 2.0, (B, 1)) + step * scale * rng.standard_normal((B, n))
+    z[0], g[1] = z0[0], g0[1]  # nothing moved; the residual unchanged
+    fz = z + g
+    g_norm, f_norm = plain_norm(xp, g), plain_norm(xp, fz)
+    m = Measures(g, g_norm, f_norm, g_norm / f_norm, g_norm / f_norm, np.ones(B, dtype=bool))
+    tol = 1e-6
+    guarded = runaway(xp, z, m, z0, g0, tol, atol)
+    shortcut = runaway(xp, z, m, z0, g0, tol, atol, accurate=True)
+    np.testing.assert_array_equal(shortcut, guarded)

@@ -91,7 +91,7 @@ def test_operations_per_step(solver):
 #: bounds on the mean operations per step beyond f's own while samples stop at different
 #: steps (the end of every DEQ solve), and the counts before the eager step covered it
 #: (main of 2026-12-02: each such step went through record())
-STOPPING_BOUNDS = {"picard": 38, "anderson": 63, "auto": 58}
+STOPPING_BOUNDS = {"picard": 35, "anderson": 58, "auto": 54}
 STOPPING_BEFORE = {"picard": 52, "anderson": 73, "auto": 74}
 
 

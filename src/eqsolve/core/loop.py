@@ -363,7 +363,9 @@ def loop_step_eager(
         # sample) claim convergence, as in record(); the determinacy test decides
         claims = (ratio <= 1) & (ratio > 0) if meets is None else state.active & meets
         m = Measures(g, g_norm, f_norm, rel, ratio, stopping)
-        away = runaway(xp, z, m, state.z0, state.g0, rule.tol, rule.atol, host_branch)
+        away = runaway(
+            xp, z, m, state.z0, state.g0, rule.tol, rule.atol, host_branch, accurate=True
+        )
         if not bool(xp.any(claims & away)):
             new = _usual_step(xp, state, solver, z, g, rel, ratio, stopping, all_active, claims)
             return trace_iterates(xp, new, rule), False, bool(xp.any(new.active))

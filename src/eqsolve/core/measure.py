@@ -236,14 +236,22 @@ def runaway(
     tol: float,
     atol: float,
     branch: Branch[Any] | None = None,
+    accurate: bool = False,
 ) -> Any:
     """Where the determinacy test fails (see the module docstring), per sample.
 
     ``||g|| * ||z - z0|| / (||f(z)|| + atol/tol) > ||g - g0||``. False where ``z = z0`` or
     ``g = 0`` (nothing to estimate / an exact fixed point) and on NaN.
+
+    ``accurate``: the caller needs the test only on rows whose ``z``, ``z0`` and norms are
+    finite with ``||f(z)|| > 0`` (the eager usual step): the guards for the other rows are
+    skipped, so there the result is unspecified (on the rows that qualify it is the same).
     """
     dz = robust_norm(xp, z - z0, branch)
     dg = robust_norm(xp, m.g - g0, branch)
+    if accurate:  # dz / scale is 0 where dz = 0, as the guarded form gives
+        scale = m.f_norm + atol / tol if atol else m.f_norm
+        return m.g_norm * (dz / scale) > dg
     ok, scale = _safe(xp, m.f_norm + atol / tol if atol else m.f_norm)
     # (where the scale is 0 the residual test failed anyway, unless g = 0: no estimate)
     moved = xp.where(ok & (dz > 0), dz / scale, xp.zeros_like(dz))
