@@ -53,15 +53,22 @@ def _counter():
     return Count()
 
 
-@TORCH
-@pytest.mark.parametrize("solver", sorted(BOUNDS))
-def test_operations_per_step(solver):
+def _tanh_cell():
+    """``(W^T, x)`` of the float64 cell ``tanh(z W^T + x)``, ``||W|| = 0.9``, B = 8, n = 32."""
     import torch
 
     rng = np.random.default_rng(0)
     W = rng.standard_normal((32, 32))
     W *= 0.9 / np.linalg.norm(W, 2)
-    Wt, x = torch.tensor(W.T.copy()), torch.tensor(rng.standard_normal((8, 32)))
+    return torch.tensor(W.T.copy()), torch.tensor(rng.standard_normal((8, 32)))
+
+
+@TORCH
+@pytest.mark.parametrize("solver", sorted(BOUNDS))
+def test_operations_per_step(solver):
+    import torch
+
+    Wt, x = _tanh_cell()
 
     def f(z):
         return torch.tanh(z @ Wt + x)
@@ -100,10 +107,7 @@ STOPPING_BEFORE = {"picard": 52, "anderson": 73, "auto": 74}
 def test_operations_per_step_while_samples_stop(solver):
     import torch
 
-    rng = np.random.default_rng(0)
-    W = rng.standard_normal((32, 32))
-    W *= 0.9 / np.linalg.norm(W, 2)
-    Wt, x = torch.tensor(W.T.copy()), torch.tensor(rng.standard_normal((8, 32)))
+    Wt, x = _tanh_cell()
     # per-sample contraction 0.2 ... 0.9: the samples stop over the second half of the solve
     s = torch.linspace(0.2, 0.9, 8, dtype=torch.float64)[:, None]
 

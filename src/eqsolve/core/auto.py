@@ -168,5 +168,6 @@ class AutoAnderson(Anderson):
             G = set_at(G, (slice(None), slot, ...), g_i * state.inv_scale[:, None])
         return F, G, xp.matmul(G, xp.matrix_transpose(G))
 
+
 def _anderson(state: AutoState) -> AndersonState:
     return AndersonState(state.F, state.G, state.H, state.inv_scale)

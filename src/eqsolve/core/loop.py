@@ -325,7 +325,8 @@ def loop_step_eager(
     * *quiet*: no active sample meets the residual test; nothing changes but the iterate.
       One host read decides.
     * *stopping*: some active samples meet it and pass the determinacy test; they become
-      CONVERGED. Two more reads (the determinacy test's) decide.
+      CONVERGED. A few more host reads decide (the determinacy test's norms, its verdict,
+      whether some sample is still active).
 
     Any other step goes through :func:`record`, reusing the same ``f(z)`` (``f`` is still
     called once). Where samples stop at different steps (a DEQ's forward and adjoint solves
